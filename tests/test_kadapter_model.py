@@ -57,7 +57,11 @@ def test_config_round_trip_keeps_base_class(tmp_path, config_class):
 
 def test_from_paper_taps_and_parameter_count():
     large = RobertaConfig(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, vocab_size=50265,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        vocab_size=50265,
         max_position_embeddings=514,
     )
     released = hk.KAdapterConfig.from_paper(large)
@@ -261,7 +265,9 @@ def test_factual_pretraining_needs_a_named_adapter_when_several(base_dir):
 def test_dependency_head_predicts_positions_over_real_tokens(base_dir):
     model = make_model(base_dir, hk.KAdapterForDependencyPretraining, max_head_positions=16)
     inputs = batch()
-    labels = torch.tensor([[0, 0, 1, 1, 2, 3, 3, 5, -100], [2, 0, 1, 8, 8, 0, 0, 1, 2], [0, 0, 1, 1, 2, 3] + [-100] * 3])
+    labels = torch.tensor(
+        [[0, 0, 1, 1, 2, 3, 3, 5, -100], [2, 0, 1, 8, 8, 0, 0, 1, 2], [0, 0, 1, 1, 2, 3] + [-100] * 3]
+    )
     out = model(**inputs, labels=labels)
     assert out.logits.shape == (3, 9, 9)
     # Padding positions (last 3 of example 3) can never be predicted as heads.

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +30,13 @@ def test_adapter_only_save_and_auto_reload_is_identical(base_dir, tmp_path):
     model.save_pretrained(tmp_path)
 
     files = sorted(os.listdir(tmp_path))
-    assert files == ["README.md", "config.json", "configuration_kadapter.py", "model.safetensors", "modeling_kadapter.py"]
+    assert files == [
+        "README.md",
+        "config.json",
+        "configuration_kadapter.py",
+        "model.safetensors",
+        "modeling_kadapter.py",
+    ]
     assert not any(key.startswith("pretrained_model.") for key in _keys(tmp_path))
     assert any(key.startswith("adapters.linguistic.") for key in _keys(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
@@ -136,7 +143,7 @@ def test_push_to_hub_uploads_the_adapter_only_folder_with_a_card(base_dir, monke
 
     def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
         calls["repo_id"] = repo_id
-        calls["files"] = {name: open(os.path.join(folder_path, name), "rb").read() for name in os.listdir(folder_path)}
+        calls["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
         return "commit-url"
 
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
@@ -144,7 +151,13 @@ def test_push_to_hub_uploads_the_adapter_only_folder_with_a_card(base_dir, monke
     assert model.push_to_hub("kadapter-test") == "commit-url"
     assert calls["create_repo"] == "kadapter-test" and calls["repo_id"] == "me/kadapter-test"
     files = calls["files"]
-    assert set(files) == {"README.md", "config.json", "configuration_kadapter.py", "model.safetensors", "modeling_kadapter.py"}
+    assert set(files) == {
+        "README.md",
+        "config.json",
+        "configuration_kadapter.py",
+        "model.safetensors",
+        "modeling_kadapter.py",
+    }
     card = files["README.md"].decode()
     assert base_dir in card and "| factual |" in card and "NOT included" in card
     with open(os.path.join(base_dir, "model.safetensors"), "rb") as handle:

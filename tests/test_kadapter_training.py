@@ -40,8 +40,17 @@ class FactualToyData(torch.utils.data.Dataset):
 
 def _args(out, **overrides) -> TrainingArguments:
     settings = dict(
-        output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     settings.update(overrides)
     return TrainingArguments(**settings)
@@ -49,8 +58,9 @@ def _args(out, **overrides) -> TrainingArguments:
 
 def _factual(base_dir, adapters=None, **kwargs):
     adapters = adapters or {"factual": tiny_adapter(**NO_DROPOUT)}
-    return make_model(base_dir, hk.KAdapterForFactualPretraining, adapters=adapters, num_labels=3,
-                      classifier_dropout=0.0, **kwargs)
+    return make_model(
+        base_dir, hk.KAdapterForFactualPretraining, adapters=adapters, num_labels=3, classifier_dropout=0.0, **kwargs
+    )
 
 
 def _losses(trainer) -> list[float]:
@@ -74,8 +84,13 @@ def test_gradient_accumulation_gives_the_same_loss_scale(base_dir, tmp_path):
     runs = {}
     for name, (bs, accumulation) in {"plain": (4, 1), "accumulated": (2, 2)}.items():
         model = _factual(base_dir)
-        args = _args(tmp_path / name, per_device_train_batch_size=bs, gradient_accumulation_steps=accumulation,
-                     max_steps=3, learning_rate=1e-3)
+        args = _args(
+            tmp_path / name,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accumulation,
+            max_steps=3,
+            learning_rate=1e-3,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=FactualToyData(size=12))
         trainer.train()
         runs[name] = (_losses(trainer), model.kadapter.adapters.state_dict())
@@ -98,7 +113,9 @@ def test_trainer_checkpoints_hold_trainable_weights_and_resume(base_dir, tmp_pat
         keys = list(handle.keys())
     assert keys and not any(".pretrained_model." in f".{k}" for k in keys)
     assert any(k.startswith("kadapter.adapters.factual.") for k in keys)
-    assert os.path.getsize(checkpoint / "model.safetensors") < os.path.getsize(os.path.join(base_dir, "model.safetensors"))
+    assert os.path.getsize(checkpoint / "model.safetensors") < os.path.getsize(
+        os.path.join(base_dir, "model.safetensors")
+    )
 
     resumed = _factual(base_dir, seed=123)  # different init: everything must come from the checkpoint
     Trainer(model=resumed, args=_args(tmp_path / "run", save_strategy="steps", save_steps=2), train_dataset=data).train(
