@@ -812,8 +812,54 @@ class KAdapterModel(KAdapterPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cached_hidden_states: torch.Tensor | None = None,
     ) -> KAdapterModelOutput | tuple:
+        """`cached_hidden_states` (batch, len(cached_hidden_state_indices()), seq, hidden) replaces the frozen
+        base's forward with precomputed states (see hf_kadapter.kadapter.feature_cache)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if cached_hidden_states is not None:
+            hidden_states = self._unpack_cached(cached_hidden_states)
+            base_last = hidden_states[self.config.base_config.num_hidden_layers]
+            base = None
+        else:
+            hidden_states, base_last, base = self._run_base(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions
+            )
+
+        attention_bias = None
+        if attention_mask is not None:
+            attention_bias = (1.0 - attention_mask[:, None, None, :].to(base_last.dtype)) * torch.finfo(
+                base_last.dtype
+            ).min
+        adapter_outputs = {
+            name: self.adapters[name](hidden_states, attention_bias) for name in self.config.get_active_adapters()
+        }
+        fused = self.fusion(base_last, adapter_outputs)
+        output = KAdapterModelOutput(
+            last_hidden_state=fused,
+            base_last_hidden_state=base_last,
+            adapter_hidden_states=tuple(adapter_outputs.values()),
+            hidden_states=hidden_states if output_hidden_states and base is not None else None,
+            attentions=base.attentions if output_attentions and base is not None else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def cached_hidden_state_indices(self) -> list[int]:
+        """The base hidden_states a feature cache must hold: every active adapter's taps plus the last layer."""
+        taps = {t for name in self.active_adapters() for t in self.config.get_adapter_config(name).tap_layers}
+        return sorted(taps | {self.config.base_config.num_hidden_layers})
+
+    def _unpack_cached(self, cached: torch.Tensor) -> dict[int, torch.Tensor]:
+        indices = self.cached_hidden_state_indices()
+        if cached.dim() != 4 or cached.shape[1] != len(indices):
+            raise ValueError(
+                f"cached_hidden_states must be shaped (batch, {len(indices)}, seq, hidden) for hidden_states "
+                f"{indices}, got {tuple(cached.shape)}: rebuild the feature cache for the active adapters."
+            )
+        dtype = next(self.adapters.parameters(), cached).dtype
+        return {index: cached[:, i].to(dtype) for i, index in enumerate(indices)}
+
+    def _run_base(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions):
         base_inputs = {
             key: value
             for key, value in dict(
@@ -830,26 +876,7 @@ class KAdapterModel(KAdapterPreTrainedModel):
         frozen = self.base_is_frozen() and not (inputs_embeds is not None and inputs_embeds.requires_grad)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             base = self.pretrained_model(**base_inputs, output_hidden_states=True, return_dict=True)
-        hidden_states = base.hidden_states
-        base_last = base.last_hidden_state
-
-        attention_bias = None
-        if attention_mask is not None:
-            attention_bias = (1.0 - attention_mask[:, None, None, :].to(base_last.dtype)) * torch.finfo(
-                base_last.dtype
-            ).min
-        adapter_outputs = {
-            name: self.adapters[name](hidden_states, attention_bias) for name in self.config.get_active_adapters()
-        }
-        fused = self.fusion(base_last, adapter_outputs)
-        output = KAdapterModelOutput(
-            last_hidden_state=fused,
-            base_last_hidden_state=base_last,
-            adapter_hidden_states=tuple(adapter_outputs.values()),
-            hidden_states=hidden_states if output_hidden_states else None,
-            attentions=base.attentions if output_attentions else None,
-        )
-        return output if return_dict else output.to_tuple()
+        return base.hidden_states, base.last_hidden_state, base
 
     def adapter_output(self, output: KAdapterModelOutput, name: str) -> torch.Tensor:
         """The output of adapter `name` from a forward's result."""
@@ -910,7 +937,9 @@ class _KAdapterHeadModel(KAdapterPreTrainedModel):
     def _build_head(self, hidden: int, num_labels: int) -> None:
         self.classifier = KAdapterClassificationHead(hidden, hidden, num_labels, self.head_dropout)
 
-    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds) -> KAdapterModelOutput:
+    def _encode(
+        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states=None
+    ) -> KAdapterModelOutput:
         return self.kadapter(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -918,6 +947,7 @@ class _KAdapterHeadModel(KAdapterPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             return_dict=True,
+            cached_hidden_states=cached_hidden_states,
         )
 
 
@@ -1017,13 +1047,13 @@ class _KAdapterPretrainingMixin:
         target = self.config.pretraining_adapter
         return name == target or (target is None and list(self.config.adapters) == [name])
 
-    def _adapter_features(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds):
+    def _adapter_features(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached):
         core = self.kadapter
         name = self.pretraining_adapter
         active = core.config.active_adapters
         core.config.active_adapters = [name]
         try:
-            out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+            out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached)
         finally:
             core.config.active_adapters = active
         return self.com_dense(torch.cat([out.base_last_hidden_state, out.adapter_hidden_states[0]], dim=-1))
@@ -1047,8 +1077,11 @@ class KAdapterForFactualPretraining(_KAdapterPretrainingMixin, KAdapterForRelati
         object_positions=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        features = self._adapter_features(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        features = self._adapter_features(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         logits = self.classifier(self._pair_features(features, subject_positions, object_positions))
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
@@ -1080,8 +1113,11 @@ class KAdapterForDependencyPretraining(_KAdapterPretrainingMixin, _KAdapterHeadM
         inputs_embeds=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> TokenClassifierOutput | tuple:
-        features = self._adapter_features(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        features = self._adapter_features(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         length = features.shape[1]
         max_positions = self.classifier.out_proj.out_features
         if length > max_positions:
