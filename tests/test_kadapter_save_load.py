@@ -162,3 +162,26 @@ def test_push_to_hub_uploads_the_adapter_only_folder_with_a_card(base_dir, monke
     assert base_dir in card and "| factual |" in card and "NOT included" in card
     with open(os.path.join(base_dir, "model.safetensors"), "rb") as handle:
         assert len(files["model.safetensors"]) < len(handle.read())  # the base is not uploaded
+
+
+def test_base_lora_trains_saves_with_the_adapters_and_reloads(base_dir, tmp_path):
+    model = make_model(base_dir, hk.KAdapterForSequenceClassification, num_labels=2)
+    model.freeze_adapter()
+    model.add_base_lora(r=4, lora_alpha=8, lora_dropout=0.0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith(("classifier.", "kadapter.fusion.")) for n in trainable)
+    assert not model.base_is_frozen() and not model.base_weights_trainable()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(3):
+        model(**batch(), labels=torch.tensor([0, 1, 1])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    expected = model(**batch()).logits
+    model.save_pretrained(tmp_path)
+    keys = _keys(tmp_path)
+    assert any("lora_A" in k for k in keys) and not any(k.endswith("query.base_layer.weight") for k in keys)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert loaded.config.base_lora["r"] == 4
+    assert torch.allclose(loaded(**batch()).logits, expected, atol=1e-6)

@@ -109,6 +109,8 @@ class KAdapterConfig(PreTrainedConfig):
             The adapter a pretraining head trains; `None` means the only adapter.
         max_head_positions (`int`, *optional*):
             Size of the dependency head's position classifier (the official code used max_seq_length).
+        base_lora (`dict`, *optional*):
+            peft LoraConfig fields of LoRA added to the base's attention (see `add_base_lora`).
     """
 
     model_type = "kadapter"
@@ -125,6 +127,7 @@ class KAdapterConfig(PreTrainedConfig):
     pretraining_adapter: str | None = None
     max_head_positions: int | None = None
     classifier_dropout: float | None = None
+    base_lora: dict | None = None
 
     def __post_init__(self, **kwargs):
         # PreTrainedConfig dispatches attn_implementation (None when not given) to sub-configs: keep the base's own.

@@ -70,7 +70,7 @@ def base_fingerprint(model: nn.Module, sample: int = 512) -> str | None:
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith("pooler.") or not tensor.is_floating_point():
+        if name.startswith("pooler.") or _is_lora_key(name) or not tensor.is_floating_point():
             continue
         if tensor.device.type == "meta":
             return None
@@ -78,7 +78,7 @@ def base_fingerprint(model: nn.Module, sample: int = 512) -> str | None:
         if flat.numel() > 2 * sample:
             flat = torch.cat([flat[:sample], flat[-sample:]])
         values = flat.to("cpu", torch.bfloat16).float().numpy().tobytes()
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(f"{name.replace('.base_layer.', '.')}:{tuple(tensor.shape)}".encode())
         digest.update(values)
     return "sha256:" + digest.hexdigest()[:40]
 
@@ -153,8 +153,20 @@ def _strip_prefix(key: str) -> str:
     return key[len("kadapter.") :] if key.startswith("kadapter.") else key
 
 
+def _is_lora_key(key: str) -> bool:
+    return "lora_" in key
+
+
 def _is_base_key(key: str) -> bool:
-    return _strip_prefix(key).startswith(BASE_KEY + ".")
+    """A key of the base's own pretrained weights (LoRA weights injected into the base are trainable add-ons)."""
+    return _strip_prefix(key).startswith(BASE_KEY + ".") and not _is_lora_key(key)
+
+
+def inject_base_lora(base: nn.Module, lora: dict[str, Any]) -> None:
+    """Add LoRA (through peft) to the base's attention; the pretrained weights stay frozen and untouched."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(**lora), base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,7 +372,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         """An adapter-only state dict (a Trainer checkpoint of a frozen base) does not miss the base."""
-        if any(_is_base_key(k) for k in state_dict) or not self.base_is_frozen():
+        if any(_is_base_key(k) for k in state_dict) or self.base_weights_trainable():
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not _is_base_key(k)]
@@ -388,14 +400,36 @@ class KAdapterPreTrainedModel(PreTrainedModel):
     def _apply_trainability(self) -> None:
         """Re-apply the config's freezing: parameters are recreated by from_pretrained, so flags do not survive."""
         core, config = self._core(), self.config
-        core.pretrained_model.requires_grad_(not config.freeze_base)
+        for name, parameter in core.pretrained_model.named_parameters():
+            parameter.requires_grad_(not config.freeze_base or _is_lora_key(name))
         for name, adapter in core.adapters.items():
             adapter.requires_grad_(name not in config.frozen_adapters and self._trains_adapter(name))
         core.fusion.requires_grad_(self._uses_fusion)
         self.train(self.training)
 
     def base_is_frozen(self) -> bool:
+        """Nothing in the base trains (then it runs under no_grad, in eval mode)."""
         return not any(p.requires_grad for p in self._core().pretrained_model.parameters())
+
+    def base_weights_trainable(self) -> bool:
+        """The base's own weights train (the paper's fine-tuning regime), not only LoRA added to it."""
+        return any(p.requires_grad for n, p in self._core().pretrained_model.named_parameters() if not _is_lora_key(n))
+
+    def add_base_lora(
+        self,
+        r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        target_modules: tuple[str, ...] = ("query", "value"),
+    ) -> None:
+        """Fine-tune the base through LoRA on its attention (peft) while its weights stay frozen; saved with the
+        adapters (a few KB), re-created on load from config.base_lora."""
+        if self.config.base_lora is not None:
+            raise ValueError("The base already has LoRA (config.base_lora); it can be added once.")
+        lora = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules))
+        inject_base_lora(self._core().pretrained_model, lora)
+        self.config.base_lora = lora
+        self._apply_trainability()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -615,9 +649,9 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         files = _weight_files(pretrained_model_name_or_path, download_kwargs)
         has_base = any(_is_base_key(k) for k in _checkpoint_keys(files))
         if has_base and base_model is None:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-            model._apply_trainability()
-            return model
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_trainability()
+            return loaded
 
         if base_model is None or isinstance(base_model, (str, os.PathLike)):
             base_kwargs = dict(download_kwargs)
@@ -632,6 +666,8 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 f"than the base its adapters were trained on ({config.base_model_name_or_path}, fingerprint "
                 f"{config.base_fingerprint}). Pass the right base_model, or check_base=False to override."
             )
+        if config.base_lora:
+            inject_base_lora(base_model, config.base_lora)  # the checkpoint's LoRA weights fill it below
         layout = "" if cls._is_core else cls.base_model_prefix + "."
         state = {
             layout + _strip_prefix(k) if _strip_prefix(k).split(".")[0] in ("adapters", "fusion") else k: v
@@ -640,14 +676,19 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         if cls._is_core:
             state = {_strip_prefix(k): v for k, v in state.items()}
         state.update(
-            {f"{layout}{BASE_KEY}.{k}": v for k, v in base_model.state_dict().items() if not k.startswith("pooler.")}
+            {
+                f"{layout}{BASE_KEY}.{k}": v
+                for k, v in base_model.state_dict().items()
+                if not k.startswith("pooler.") and not _is_lora_key(k)
+            }
         )
         # transformers takes a state_dict only without a checkpoint name: the config is read from the folder instead.
         kwargs.setdefault("config", str(pretrained_model_name_or_path))
-        model = super().from_pretrained(None, *model_args, state_dict=state, **kwargs)
+        loaded = super().from_pretrained(None, *model_args, state_dict=state, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model._apply_trainability()
-        return model
+        return loaded
 
     # ----- saving and sharing ------------------------------------------------------------------------------------
     def save_pretrained(
@@ -668,7 +709,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file; give a folder.")
         if save_base is None:
-            save_base = not self.base_is_frozen()
+            save_base = self.base_weights_trainable()
         if state_dict is None:
             state_dict = self.state_dict()
         if not save_base:
@@ -785,6 +826,8 @@ class KAdapterModel(KAdapterPreTrainedModel):
                 tensor._is_hf_initialized = True
             for module in base_model.modules():
                 module._is_hf_initialized = True
+        if config.base_lora:
+            inject_base_lora(base_model, config.base_lora)
         self.pretrained_model = base_model
         hidden = config.base_config.hidden_size
         self.adapters = nn.ModuleDict(
