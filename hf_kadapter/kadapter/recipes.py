@@ -1,0 +1,160 @@
+"""Shared pieces of the K-Adapter training recipes (examples/*.py): arguments, model building, regimes, running.
+
+The scripts stay short and standard (HfArgumentParser + TrainingArguments + Trainer); what they share lives here
+so that every recipe builds models, applies fine-tuning regimes and resumes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_kadapter import KnowledgeAdapterConfig, default_tap_layers
+from .modeling_kadapter import KAdapterPreTrainedModel, load_base_model
+
+logger = logging.getLogger(__name__)
+
+REGIMES = ("paper", "adapters", "lora")
+
+
+@dataclass
+class KAdapterArguments:
+    """Which base, which adapters, and how to train them."""
+
+    base_model: str = field(metadata={"help": "Base encoder: any BERT-like or RoBERTa-like Hub id or folder."})
+    load_adapters: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Adapters trained before, loaded frozen: FOLDER or NAME=FOLDER (several allowed)."},
+    )
+    regime: str = field(
+        default="paper",
+        metadata={
+            "help": "Fine-tuning regime: 'paper' (base trained, adapters frozen), 'adapters' (base frozen, adapters "
+            "trained), 'lora' (LoRA on the base's attention, adapters frozen)."
+        },
+    )
+    fusion: str = field(default="concat", metadata={"help": "How adapter outputs are combined: 'concat' or 'add'."})
+    tap_layers: str | None = field(
+        default=None,
+        metadata={"help": "New adapter's tapped hidden_states, e.g. '0,11,22' (default: scaled from those)."},
+    )
+    adapter_hidden_size: int = field(default=768, metadata={"help": "New adapter's hidden size."})
+    adapter_layers: int = field(default=2, metadata={"help": "Transformer layers per adapter layer."})
+    adapter_heads: int = field(default=12, metadata={"help": "Attention heads of the adapter's layers."})
+    adapter_intermediate_size: int = field(default=3072, metadata={"help": "FFN size of the adapter's layers."})
+    adapter_input_mode: str = field(default="sum", metadata={"help": "'sum' (official code) or 'concat' (paper)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (regime 'lora')."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (regime 'lora')."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (regime 'lora')."})
+    lora_target_modules: str = field(default="query,value", metadata={"help": "Base attention modules LoRA wraps."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (after markers)."})
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"--regime {self.regime!r} is not one of {REGIMES}.")
+
+    def adapter_config(self, num_hidden_layers: int) -> KnowledgeAdapterConfig:
+        taps = (
+            [int(t) for t in self.tap_layers.split(",")] if self.tap_layers else default_tap_layers(num_hidden_layers)
+        )
+        return KnowledgeAdapterConfig(
+            tap_layers=taps,
+            num_layers=self.adapter_layers,
+            hidden_size=self.adapter_hidden_size,
+            num_attention_heads=self.adapter_heads,
+            intermediate_size=self.adapter_intermediate_size,
+            input_mode=self.adapter_input_mode,
+        )
+
+    def adapter_sources(self) -> list[tuple[str | None, str]]:
+        sources: list[tuple[str | None, str]] = []
+        for entry in self.load_adapters:
+            if "=" in entry and not os.path.exists(entry):
+                name, folder = entry.split("=", 1)
+                sources.append((name, folder))
+            else:
+                sources.append((None, entry))
+        return sources
+
+
+def _load_adapters(model: KAdapterPreTrainedModel, args: KAdapterArguments, freeze: bool) -> None:
+    for name, folder in args.adapter_sources():
+        source = model.config_class.from_pretrained(folder)
+        names = [name] if name else list(source.adapters)
+        for adapter in names:
+            model.load_adapter(folder, name=adapter, freeze=freeze)
+
+
+def build_pretraining_model(
+    head_class: type[KAdapterPreTrainedModel], args: KAdapterArguments, adapter_name: str, **config_kwargs: Any
+) -> KAdapterPreTrainedModel:
+    """A pretraining head training one new adapter; adapters given with --load_adapters come along frozen
+    (continual knowledge: the new adapter does not disturb them)."""
+    base = load_base_model(args.base_model)
+    model = head_class.from_base(base, adapters={}, pretraining_adapter=adapter_name, **config_kwargs)
+    model.config.base_model_name_or_path = args.base_model
+    _load_adapters(model, args, freeze=True)
+    model.add_adapter(adapter_name, args.adapter_config(base.config.num_hidden_layers))
+    return model
+
+
+def build_finetuning_model(
+    head_class: type[KAdapterPreTrainedModel], args: KAdapterArguments, **config_kwargs: Any
+) -> KAdapterPreTrainedModel:
+    """A task head over the base with the given pretrained adapters, in the chosen fine-tuning regime."""
+    base = load_base_model(args.base_model)
+    model = head_class.from_base(base, adapters={}, fusion=args.fusion, **config_kwargs)
+    model.config.base_model_name_or_path = args.base_model
+    _load_adapters(model, args, freeze=True)
+    apply_regime(model, args)
+    return model
+
+
+def apply_regime(model: KAdapterPreTrainedModel, args: KAdapterArguments) -> None:
+    """paper: base trained, adapters frozen (the paper and the official code); adapters: base frozen, adapters
+    trained; lora: LoRA on the base's attention, base weights and adapters frozen. Fusion and head always train."""
+    if args.regime == "paper":
+        model.unfreeze_base()
+        model.freeze_adapter()
+    elif args.regime == "adapters":
+        model.freeze_base()
+        model.unfreeze_adapter()
+    else:
+        model.freeze_base()
+        model.freeze_adapter()
+        model.add_base_lora(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=tuple(args.lora_target_modules.split(",")),
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("regime %s: %s of %s parameters train", args.regime, f"{trainable:,}", f"{total:,}")
+
+
+def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
+    """Train (resuming from the last checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate."""
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint is None and os.path.isdir(training_args.output_dir):
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()
+        metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()})
+    if training_args.do_eval and trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        path = os.path.join(training_args.output_dir, "all_results.json")
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(metrics, handle, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+    return metrics
