@@ -1,0 +1,1 @@
+"""The `relation_f1` evaluate module; a package only so that packaging ships its script (load it with load_metric)."""
