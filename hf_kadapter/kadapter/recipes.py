@@ -83,6 +83,33 @@ class KAdapterArguments:
         return sources
 
 
+@dataclass
+class DataArguments:
+    """Where the data is and what to do with malformed records."""
+
+    train_file: str | None = field(default=None, metadata={"help": "Training records (JSON or JSON Lines)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Evaluation records."})
+    skip_malformed: bool = field(
+        default=False, metadata={"help": "Skip and count malformed records instead of stopping at the first one."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Pretraining only: cache the frozen base's hidden states here and reuse them every epoch."},
+    )
+
+    @property
+    def on_error(self) -> str:
+        return "skip" if self.skip_malformed else "raise"
+
+    def limit(self, dataset):
+        return (
+            dataset
+            if self.max_train_samples is None
+            else dataset.select(range(min(self.max_train_samples, len(dataset))))
+        )
+
+
 def _load_adapters(model: KAdapterPreTrainedModel, args: KAdapterArguments, freeze: bool) -> None:
     for name, folder in args.adapter_sources():
         source = model.config_class.from_pretrained(folder)

@@ -7,6 +7,7 @@ normalises one record and raises `RecordError(field, why)`; `load_records` turns
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections import Counter
@@ -213,3 +214,37 @@ def require_fast_tokenizer(tokenizer) -> None:
             f"{type(tokenizer).__name__} is not a fast tokenizer: word-to-subword alignment needs one "
             "(AutoTokenizer.from_pretrained(..., use_fast=True))."
         )
+
+
+def _prefix_space_off(node: Any) -> bool:
+    """Switch every byte-level pre-tokenizer in a serialized pre-tokenizer to add_prefix_space=True."""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "ByteLevel" and not node.get("add_prefix_space", False):
+        node["add_prefix_space"] = True
+        return True
+    if node.get("type") == "Sequence":
+        return any([_prefix_space_off(child) for child in node.get("pretokenizers", [])])
+    return False
+
+
+def prepare_word_tokenizer(tokenizer: Any) -> Any:
+    """A fast tokenizer that tokenizes pre-split words correctly.
+
+    A byte-level BPE (RoBERTa, GPT-2, BART) without add_prefix_space glues pre-split words together
+    ("Barack", "Obama" -> "BarackObama"): a COPY with the prefix space switched on is returned, so every word
+    (each marker included) is tokenized as in running text (" Obama"); the caller's tokenizer is untouched.
+    Any other fast tokenizer is returned as is.
+    """
+    require_fast_tokenizer(tokenizer)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    if not _prefix_space_off(state.get("pre_tokenizer")):
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    fixed = copy.deepcopy(tokenizer)
+    fixed._tokenizer = Tokenizer.from_str(json.dumps(state))
+    if hasattr(fixed, "add_prefix_space"):
+        fixed.add_prefix_space = True
+    logger.info("%s: using a copy with add_prefix_space=True for pre-split words.", type(tokenizer).__name__)
+    return fixed
