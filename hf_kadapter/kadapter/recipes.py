@@ -28,6 +28,10 @@ class KAdapterArguments:
     """Which base, which adapters, and how to train them."""
 
     base_model: str = field(metadata={"help": "Base encoder: any BERT-like or RoBERTa-like Hub id or folder."})
+    adapter_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the adapter a pretraining recipe trains (default: factual/linguistic)."},
+    )
     load_adapters: list[str] = field(
         default_factory=list,
         metadata={"help": "Adapters trained before, loaded frozen: FOLDER or NAME=FOLDER (several allowed)."},
@@ -49,6 +53,10 @@ class KAdapterArguments:
     adapter_heads: int = field(default=12, metadata={"help": "Attention heads of the adapter's layers."})
     adapter_intermediate_size: int = field(default=3072, metadata={"help": "FFN size of the adapter's layers."})
     adapter_input_mode: str = field(default="sum", metadata={"help": "'sum' (official code) or 'concat' (paper)."})
+    adapter_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the new adapter's layers."})
+    classifier_dropout: float | None = field(
+        default=None, metadata={"help": "Dropout of the task head (default: the base's hidden dropout)."}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (regime 'lora')."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (regime 'lora')."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (regime 'lora')."})
@@ -70,6 +78,8 @@ class KAdapterArguments:
             num_attention_heads=self.adapter_heads,
             intermediate_size=self.adapter_intermediate_size,
             input_mode=self.adapter_input_mode,
+            hidden_dropout_prob=self.adapter_dropout,
+            attention_probs_dropout_prob=self.adapter_dropout,
         )
 
     def adapter_sources(self) -> list[tuple[str | None, str]]:
@@ -124,7 +134,9 @@ def build_pretraining_model(
     """A pretraining head training one new adapter; adapters given with --load_adapters come along frozen
     (continual knowledge: the new adapter does not disturb them)."""
     base = load_base_model(args.base_model)
-    model = head_class.from_base(base, adapters={}, pretraining_adapter=adapter_name, **config_kwargs)
+    model = head_class.from_base(
+        base, adapters={}, pretraining_adapter=adapter_name, classifier_dropout=args.classifier_dropout, **config_kwargs
+    )
     model.config.base_model_name_or_path = args.base_model
     _load_adapters(model, args, freeze=True)
     model.add_adapter(adapter_name, args.adapter_config(base.config.num_hidden_layers))
@@ -136,7 +148,9 @@ def build_finetuning_model(
 ) -> KAdapterPreTrainedModel:
     """A task head over the base with the given pretrained adapters, in the chosen fine-tuning regime."""
     base = load_base_model(args.base_model)
-    model = head_class.from_base(base, adapters={}, fusion=args.fusion, **config_kwargs)
+    model = head_class.from_base(
+        base, adapters={}, fusion=args.fusion, classifier_dropout=args.classifier_dropout, **config_kwargs
+    )
     model.config.base_model_name_or_path = args.base_model
     _load_adapters(model, args, freeze=True)
     apply_regime(model, args)
@@ -175,6 +189,7 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
             checkpoint = get_last_checkpoint(training_args.output_dir)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        trainer.save_state()
         metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()})
     if training_args.do_eval and trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -185,3 +200,19 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
             json.dump(metrics, handle, indent=2, sort_keys=True)
         os.replace(path + ".tmp", path)
     return metrics
+
+
+def with_feature_cache(model, features, collator, data_args: DataArguments, training_args: TrainingArguments):
+    """Pretraining: precompute the frozen base's hidden states once (data_args.feature_cache_dir) and train the
+    adapter from them every epoch; without a cache directory, the features and collator are returned as they are."""
+    if not data_args.feature_cache_dir:
+        return features, collator
+    from .feature_cache import CachedFeatureCollator, build_feature_cache
+
+    cache = build_feature_cache(
+        model, features, data_args.feature_cache_dir, batch_size=training_args.per_device_eval_batch_size
+    )
+    training_args.remove_unused_columns = False  # the cache index column must reach the collator
+    keep = {"input_ids", "attention_mask", "token_type_ids", "labels", "subject_positions", "object_positions"}
+    features = features.remove_columns([c for c in features.column_names if c not in keep])
+    return cache.attach(features), CachedFeatureCollator(collator, cache, model=model)

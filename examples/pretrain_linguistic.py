@@ -1,0 +1,76 @@
+"""Pretrain a linguistic adapter: predict each token's dependency head (position), base frozen.
+
+    python examples/pretrain_linguistic.py --base_model roberta-large --train_file bookcorpus_sample.txt \
+        --output_dir lin-adapter --do_train --max_length 128 --tap_layers 0,11,22
+
+--train_file is either dependency records (JSON/JSONL {"tokens", "heads"}) or raw text (.txt, one passage per
+line) that spaCy's English parser (pip install "hf_kadapter[dependency]") turns into records first; the parsed
+records are saved next to the output (dependency_records.jsonl) and reused on the next run.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+
+from hf_kadapter import KAdapterForDependencyPretraining
+from hf_kadapter.kadapter.data import (
+    KAdapterDataCollator,
+    load_dependency_records,
+    parse_dependencies,
+    preprocess_dependency,
+    save_dependency_records,
+)
+from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
+from hf_kadapter.kadapter.recipes import (
+    DataArguments,
+    KAdapterArguments,
+    build_pretraining_model,
+    run,
+    with_feature_cache,
+)
+
+
+def load(path: str, data_args: DataArguments, output_dir: str):
+    if not path.endswith(".txt"):
+        return load_dependency_records(path, on_error=data_args.on_error)
+    parsed = os.path.join(output_dir, os.path.basename(path) + ".dependency_records.jsonl")
+    if not os.path.exists(parsed):
+        with open(path, encoding="utf-8") as handle:
+            texts = [line.strip() for line in handle if line.strip()]
+        save_dependency_records(parse_dependencies(texts), parsed)
+    return load_dependency_records(parsed, on_error=data_args.on_error)
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    parser = HfArgumentParser((KAdapterArguments, DataArguments, TrainingArguments))
+    args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+
+    def features(path: str):
+        records = load(path, data_args, training_args.output_dir)
+        return preprocess_dependency(records, tokenizer, max_length=args.max_length, on_error=data_args.on_error)
+
+    model = build_pretraining_model(
+        KAdapterForDependencyPretraining, args, args.adapter_name or "linguistic", max_head_positions=args.max_length
+    )
+    collator = KAdapterDataCollator(tokenizer, label_kind="token")
+    train_features, collator = with_feature_cache(
+        model, data_args.limit(features(data_args.train_file)), collator, data_args, training_args
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_features,
+        eval_dataset=features(data_args.validation_file) if data_args.validation_file else None,
+        data_collator=collator,
+        compute_metrics=accuracy_compute_metrics(),  # head-position accuracy over labelled tokens
+    )
+    run(trainer, training_args)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Every examples/ recipe runs end to end on the tiny fixtures: the loss falls and the result reloads through Auto."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
+
+import hf_kadapter as hk
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+@pytest.fixture(scope="session")
+def recipe_base(tmp_path_factory) -> str:
+    """A tiny random BERT with a WordPiece vocabulary covering every fixture word (a Hub model stand-in)."""
+    words: set[str] = {"@", "#"}
+    for path in FIXTURES.iterdir():
+        text = path.read_text(encoding="utf-8")
+        records = (
+            json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+        for string in _strings(records):
+            words.update(re.findall(r"\w+|[^\w\s]", string.lower()))
+    folder = tmp_path_factory.mktemp("recipe-base")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,  # deterministic losses when the base trains
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return str(folder)
+
+
+def _argv(base: str, output: Path, train: str, *extra: str, steps: int = 15) -> list[str]:
+    return [
+        "--base_model", base, "--train_file", str(FIXTURES / train), "--output_dir", str(output),
+        "--do_train", "--max_steps", str(steps), "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
+        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--seed", "0",
+        "--adapter_hidden_size", "16", "--adapter_heads", "2", "--adapter_intermediate_size", "32",
+        "--tap_layers", "0,2,4", "--disable_tqdm", "true", "--max_length", "64", "--adapter_dropout", "0",
+        "--classifier_dropout", "0", "--lora_dropout", "0", *extra,
+    ]  # fmt: skip
+
+
+def _run(script: str, argv: list[str]):
+    module = importlib.import_module(script)
+    return module.main(argv)
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _assert_learns_and_reloads(trainer, output: Path) -> None:
+    losses = _losses(trainer)  # full-batch steps, no dropout: the training loss must clearly fall
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert (output / "trainer_state.json").exists() and (output / "all_results.json").exists()
+    reloaded = AutoModel.from_pretrained(output)
+    assert isinstance(reloaded, hk.KAdapterModel)
+    model = trainer.model.eval()
+    batch = next(iter(trainer.get_train_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if inputs["input_ids"].dim() == 3:  # multiple choice
+        inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
+    with torch.no_grad():
+        expected = model.kadapter(**inputs).last_hidden_state
+        assert torch.allclose(reloaded(**inputs).last_hidden_state, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def factual_adapter(recipe_base, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("fac-adapter")
+    trainer = _run("pretrain_factual", _argv(recipe_base, output, "trex_train.json"))
+    _assert_learns_and_reloads(trainer, output)
+    assert trainer.model.config.frozen_adapters == []
+    assert isinstance(hk.KAdapterForFactualPretraining.from_pretrained(output), hk.KAdapterForFactualPretraining)
+    return output
+
+
+def test_pretrain_factual(factual_adapter):
+    saved = json.loads((factual_adapter / "config.json").read_text())
+    assert list(saved["adapters"]) == ["factual"] and saved["pretraining_adapter"] == "factual"
+
+
+def test_pretrain_linguistic_keeps_the_factual_adapter_intact(recipe_base, factual_adapter, tmp_path):
+    output = tmp_path / "lin"
+    source = hk.KAdapterModel.from_pretrained(factual_adapter).eval()
+    trainer = _run(
+        "pretrain_linguistic",
+        _argv(recipe_base, output, "dep_sentences.jsonl", "--load_adapters", str(factual_adapter), steps=20),
+    )
+    _assert_learns_and_reloads(trainer, output)
+    model = trainer.model.eval()
+    assert model.config.frozen_adapters == ["factual"] and model.pretraining_adapter == "linguistic"
+    tokens = AutoTokenizer.from_pretrained(recipe_base)(["the cat sat on the mat ."], return_tensors="pt")
+    with torch.no_grad():
+        after = model.kadapter(**tokens)
+        before = source(**tokens)
+    assert torch.equal(model.kadapter.adapter_output(after, "factual"), before.adapter_hidden_states[0])
+
+
+@pytest.mark.parametrize(
+    ("script", "train", "regime"),
+    [
+        ("finetune_entity_typing", "openentity_train.json", "paper"),
+        ("finetune_relation", "tacred_train.json", "adapters"),
+        ("finetune_multiple_choice", "cosmosqa_tiny.jsonl", "lora"),
+        ("finetune_qa", "squad_tiny.json", "adapters"),
+    ],
+)
+def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, script, train, regime):
+    output = tmp_path / script
+    argv = _argv(
+        recipe_base, output, train, "--load_adapters", f"factual={factual_adapter}", "--regime", regime,
+        "--validation_file", str(FIXTURES / train), "--do_eval", "--per_device_eval_batch_size", "4", steps=30,
+    )  # fmt: skip
+    if script == "finetune_qa":
+        argv += ["--doc_stride", "32"]
+    trainer = _run(script, argv)
+    _assert_learns_and_reloads(trainer, output)
+    model = trainer.model
+    assert model.config.frozen_adapters == (["factual"] if regime != "adapters" else [])
+    base_trains = model.base_weights_trainable()
+    assert base_trains == (regime == "paper")
+    assert (model.config.base_lora is not None) == (regime == "lora")
+    results = json.loads((output / "all_results.json").read_text())
+    evaluation = json.loads((output / "eval_results.json").read_text()) if script == "finetune_qa" else results
+    expected_metric = {
+        "finetune_entity_typing": "eval_loose_micro_f1",
+        "finetune_relation": "eval_f1",
+        "finetune_multiple_choice": "eval_accuracy",
+        "finetune_qa": "eval_f1",
+    }[script]
+    assert any(key.startswith(expected_metric) for key in evaluation), evaluation
