@@ -10,7 +10,7 @@ base's attention, adapters frozen).
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForEntityTyping
 from hf_kadapter.kadapter.data import (
@@ -20,12 +20,11 @@ from hf_kadapter.kadapter.data import (
     preprocess_entity_typing,
 )
 from hf_kadapter.kadapter.metrics import entity_typing_compute_metrics
-from hf_kadapter.kadapter.recipes import DataArguments, KAdapterArguments, build_finetuning_model, run
+from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, TrainingArguments))
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, training_args = parse_arguments(argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     train = data_args.limit(load_entity_typing(data_args.train_file, on_error=data_args.on_error))

@@ -7,17 +7,16 @@
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForMultipleChoice
 from hf_kadapter.kadapter.data import KAdapterDataCollator, load_multiple_choice, preprocess_multiple_choice
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
-from hf_kadapter.kadapter.recipes import DataArguments, KAdapterArguments, build_finetuning_model, run
+from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, TrainingArguments))
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, training_args = parse_arguments(argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     def features(path: str, limit: bool = False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForQuestionAnswering
 from hf_kadapter.kadapter.data import (
@@ -22,7 +22,7 @@ from hf_kadapter.kadapter.data import (
     preprocess_squad_train,
 )
 from hf_kadapter.kadapter.metrics import load_metric
-from hf_kadapter.kadapter.recipes import DataArguments, KAdapterArguments, build_finetuning_model, run
+from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
 
 
 @dataclass
@@ -32,8 +32,7 @@ class QAArguments:
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, QAArguments, TrainingArguments))
-    args, data_args, qa_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, qa_args, training_args = parse_arguments(QAArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     windows = dict(max_length=args.max_length, doc_stride=qa_args.doc_stride)
 

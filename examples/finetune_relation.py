@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForRelationClassification
 from hf_kadapter.kadapter.data import KAdapterDataCollator, build_label_vocab, load_relation, preprocess_relation
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics, relation_compute_metrics
-from hf_kadapter.kadapter.recipes import DataArguments, KAdapterArguments, build_finetuning_model, run
+from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
 
 
 @dataclass
@@ -28,8 +28,7 @@ class RelationArguments:
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, RelationArguments, TrainingArguments))
-    args, data_args, relation_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, relation_args, training_args = parse_arguments(RelationArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     train = data_args.limit(

@@ -9,23 +9,16 @@ Adapters given with --load_adapters come along frozen: the new adapter is added 
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForFactualPretraining
 from hf_kadapter.kadapter.data import KAdapterDataCollator, build_label_vocab, load_factual, preprocess_factual
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
-from hf_kadapter.kadapter.recipes import (
-    DataArguments,
-    KAdapterArguments,
-    build_pretraining_model,
-    run,
-    with_feature_cache,
-)
+from hf_kadapter.kadapter.recipes import build_pretraining_model, parse_arguments, run, with_feature_cache
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, TrainingArguments))
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, training_args = parse_arguments(argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     train = data_args.limit(load_factual(data_args.train_file, on_error=data_args.on_error))

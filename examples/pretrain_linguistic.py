@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForDependencyPretraining
 from hf_kadapter.kadapter.data import (
@@ -25,8 +25,8 @@ from hf_kadapter.kadapter.data import (
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
 from hf_kadapter.kadapter.recipes import (
     DataArguments,
-    KAdapterArguments,
     build_pretraining_model,
+    parse_arguments,
     run,
     with_feature_cache,
 )
@@ -44,8 +44,7 @@ def load(path: str, data_args: DataArguments, output_dir: str):
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, TrainingArguments))
-    args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    args, data_args, training_args = parse_arguments(argv=argv)
     os.makedirs(training_args.output_dir, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_kadapter import KnowledgeAdapterConfig, default_tap_layers
@@ -118,6 +118,15 @@ class DataArguments:
             if self.max_train_samples is None
             else dataset.select(range(min(self.max_train_samples, len(dataset))))
         )
+
+
+def parse_arguments(*extra: type, argv: list[str] | None = None) -> tuple:
+    """(KAdapterArguments, DataArguments, *extra, TrainingArguments) from the command line; seeds everything
+    before any model is built, so single-process and distributed runs start from the same weights."""
+    parser = HfArgumentParser((KAdapterArguments, DataArguments, *extra, TrainingArguments))
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(parsed[-1].seed)
+    return parsed
 
 
 def _load_adapters(model: KAdapterPreTrainedModel, args: KAdapterArguments, freeze: bool) -> None:
