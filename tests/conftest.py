@@ -8,6 +8,9 @@ from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
 import hf_kadapter as hk
 
+# Tiny models: one thread is faster than two fighting over a shared 2-core machine (and deterministic).
+torch.set_num_threads(1)
+
 VOCAB = 64
 HIDDEN = 32
 LAYERS = 4

@@ -109,6 +109,17 @@ def test_pretrain_factual(factual_adapter):
     assert list(saved["adapters"]) == ["factual"] and saved["pretraining_adapter"] == "factual"
 
 
+def test_pretrain_factual_from_the_feature_cache_matches(recipe_base, factual_adapter, tmp_path):
+    plain = json.loads((factual_adapter / "trainer_state.json").read_text())["log_history"]
+    output = tmp_path / "cached"
+    argv = _argv(recipe_base, output, "trex_train.json", "--feature_cache_dir", str(tmp_path / "cache"))
+    trainer = _run("pretrain_factual", argv)
+    assert _losses(trainer) == pytest.approx([e["loss"] for e in plain if "loss" in e], rel=1e-5)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    _run("pretrain_factual", argv)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # reused, not rebuilt
+
+
 def test_pretrain_linguistic_keeps_the_factual_adapter_intact(recipe_base, factual_adapter, tmp_path):
     output = tmp_path / "lin"
     source = hk.KAdapterModel.from_pretrained(factual_adapter).eval()

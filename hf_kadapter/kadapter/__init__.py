@@ -1,6 +1,7 @@
 """K-Adapter: knowledge adapters beside a frozen pretrained encoder."""
 
 from .configuration_kadapter import KAdapterConfig, KnowledgeAdapterConfig, default_tap_layers
+from .feature_cache import CachedFeatureCollator, FeatureCache, build_feature_cache
 from .modeling_kadapter import (
     KAdapterBaseMismatchError,
     KAdapterForDependencyPretraining,
@@ -18,6 +19,9 @@ from .modeling_kadapter import (
 )
 
 __all__ = [
+    "CachedFeatureCollator",
+    "FeatureCache",
+    "build_feature_cache",
     "KAdapterBaseMismatchError",
     "KAdapterConfig",
     "KAdapterForDependencyPretraining",

@@ -221,7 +221,4 @@ def with_feature_cache(model, features, collator, data_args: DataArguments, trai
     cache = build_feature_cache(
         model, features, data_args.feature_cache_dir, batch_size=training_args.per_device_eval_batch_size
     )
-    training_args.remove_unused_columns = False  # the cache index column must reach the collator
-    keep = {"input_ids", "attention_mask", "token_type_ids", "labels", "subject_positions", "object_positions"}
-    features = features.remove_columns([c for c in features.column_names if c not in keep])
     return cache.attach(features), CachedFeatureCollator(collator, cache, model=model)
