@@ -1,0 +1,1 @@
+"""PELT: pluggable entity lookup tables."""
