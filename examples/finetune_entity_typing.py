@@ -1,7 +1,7 @@
 """Fine-tune entity typing (Open Entity / FIGER): '@' around the mention, multi-label types at the marker.
 
     python examples/finetune_entity_typing.py --base_model roberta-large --train_file OpenEntity/train.json \
-        --validation_file OpenEntity/dev.json --load_adapters fac-adapter lin-adapter --regime paper \
+        --validation_file OpenEntity/dev.json --load_adapters factual=fac-adapter linguistic=lin-adapter --regime paper \
         --output_dir et --do_train --do_eval --learning_rate 1e-5 --max_length 256
 
 Regimes: paper (base trained, adapters frozen), adapters (base frozen, adapters trained), lora (LoRA on the

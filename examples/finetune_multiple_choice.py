@@ -1,7 +1,7 @@
 """Fine-tune multiple choice (CosmosQA): one logit per (context, question + answer) from its first token.
 
     python examples/finetune_multiple_choice.py --base_model roberta-large --train_file cosmosqa/train.jsonl \
-        --validation_file cosmosqa/valid.jsonl --load_adapters fac-adapter lin-adapter --regime paper \
+        --validation_file cosmosqa/valid.jsonl --load_adapters factual=fac-adapter linguistic=lin-adapter --regime paper \
         --output_dir cosmosqa --do_train --do_eval --learning_rate 1e-5 --max_length 256
 """
 

@@ -1,7 +1,7 @@
 """Fine-tune extractive QA (SQuAD v1.1 format; SearchQA / Quasar-T converted to it): start/end over tokens.
 
     python examples/finetune_qa.py --base_model roberta-large --train_file squad/train.json \
-        --validation_file squad/dev.json --load_adapters fac-adapter lin-adapter --regime paper \
+        --validation_file squad/dev.json --load_adapters factual=fac-adapter linguistic=lin-adapter --regime paper \
         --output_dir qa --do_train --do_eval --learning_rate 1e-5 --max_length 384
 
 Evaluation predicts spans over the sliding windows, maps them back to the context and reports EM / F1.

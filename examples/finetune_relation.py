@@ -1,7 +1,7 @@
 """Fine-tune relation classification (TACRED): '@' around the subject, '#' around the object.
 
     python examples/finetune_relation.py --base_model roberta-large --train_file tacred/train.json \
-        --validation_file tacred/dev.json --load_adapters fac-adapter lin-adapter --regime paper \
+        --validation_file tacred/dev.json --load_adapters factual=fac-adapter linguistic=lin-adapter --regime paper \
         --output_dir tacred --do_train --do_eval --learning_rate 1e-5 --max_length 184
 
 Micro-F1 is computed without the no_relation label, as is standard for TACRED.

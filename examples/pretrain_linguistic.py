@@ -10,8 +10,10 @@ records are saved next to the output (dependency_records.jsonl) and reused on th
 
 from __future__ import annotations
 
+import hashlib
 import os
 
+import datasets
 from transformers import AutoTokenizer, Trainer
 
 from hf_kadapter import KAdapterForDependencyPretraining
@@ -32,14 +34,17 @@ from hf_kadapter.kadapter.recipes import (
 )
 
 
-def load(path: str, data_args: DataArguments, output_dir: str):
+def load(path: str, data_args: DataArguments, training_args) -> datasets.Dataset:
     if not path.endswith(".txt"):
         return load_dependency_records(path, on_error=data_args.on_error)
-    parsed = os.path.join(output_dir, os.path.basename(path) + ".dependency_records.jsonl")
-    if not os.path.exists(parsed):
-        with open(path, encoding="utf-8") as handle:
-            texts = [line.strip() for line in handle if line.strip()]
-        save_dependency_records(parse_dependencies(texts), parsed)
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:16]  # an edited text is parsed again
+    parsed = os.path.join(training_args.output_dir, f"{os.path.basename(path)}.{digest}.dependency_records.jsonl")
+    with training_args.main_process_first(desc="dependency parsing"):  # one process parses, the others reuse it
+        if not os.path.exists(parsed):
+            with open(path, encoding="utf-8") as handle:
+                texts = [line.strip() for line in handle if line.strip()]
+            save_dependency_records(parse_dependencies(texts), parsed)
     return load_dependency_records(parsed, on_error=data_args.on_error)
 
 
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     def features(path: str):
-        records = load(path, data_args, training_args.output_dir)
+        records = load(path, data_args, training_args)
         return preprocess_dependency(records, tokenizer, max_length=args.max_length, on_error=data_args.on_error)
 
     model = build_pretraining_model(

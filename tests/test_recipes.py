@@ -136,6 +136,12 @@ def test_pretrain_linguistic_keeps_the_factual_adapter_intact(recipe_base, factu
         before = source(**tokens)
     assert torch.equal(model.kadapter.adapter_output(after, "factual"), before.adapter_hidden_states[0])
 
+    # Fine-tuning with both folders: the factual adapter repeated inside the linguistic folder is loaded once.
+    argv = _argv(recipe_base, tmp_path / "rel", "tacred_train.json", "--load_adapters", str(factual_adapter),
+                 str(output), steps=2)  # fmt: skip
+    tuned = _run("finetune_relation", argv).model
+    assert list(tuned.config.adapters) == ["factual", "linguistic"]
+
 
 @pytest.mark.parametrize(
     ("script", "train", "regime"),

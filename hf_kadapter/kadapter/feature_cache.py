@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modeling_kadapter import KAdapterModel, _KAdapterPretrainingMixin, base_fingerprint
+from .modeling_kadapter import KAdapterModel, base_fingerprint
 
 FORMAT_VERSION = 1
 CACHE_INDEX_COLUMN = "cached_hidden_states"
@@ -92,20 +92,10 @@ def _core(model: nn.Module) -> KAdapterModel:
 
 
 def cached_hidden_state_indices(model: nn.Module) -> list[int]:
-    """The base hidden_states the model reads from `cached_hidden_states`, in order.
-
-    A pretraining head activates only its `pretraining_adapter` during forward, so its indices are that adapter's
-    taps plus the last layer, not those of every active adapter of `model.kadapter`.
-    """
-    core = _core(model)
-    if not isinstance(model, _KAdapterPretrainingMixin):
-        return core.cached_hidden_state_indices()
-    active = core.config.active_adapters
-    core.config.active_adapters = [model.pretraining_adapter]
-    try:
-        return core.cached_hidden_state_indices()
-    finally:
-        core.config.active_adapters = active
+    """The base hidden_states the model reads from `cached_hidden_states`, in order (a pretraining head reads only
+    its own adapter's taps plus the last layer)."""
+    own = getattr(model, "cached_hidden_state_indices", None)
+    return own() if callable(own) else _core(model).cached_hidden_state_indices()
 
 
 def _is_hf_dataset(dataset: Any) -> bool:

@@ -860,23 +860,16 @@ class KAdapterModel(KAdapterPreTrainedModel):
         """`cached_hidden_states` (batch, len(cached_hidden_state_indices()), seq, hidden) replaces the frozen
         base's forward with precomputed states (see hf_kadapter.kadapter.feature_cache)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if cached_hidden_states is not None:
-            hidden_states = self._unpack_cached(cached_hidden_states)
-            base_last = hidden_states[self.config.base_config.num_hidden_layers]
-            base = None
-        else:
-            hidden_states, base_last, base = self._run_base(
-                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions
-            )
-
-        attention_bias = None
-        if attention_mask is not None:
-            attention_bias = (1.0 - attention_mask[:, None, None, :].to(base_last.dtype)) * torch.finfo(
-                base_last.dtype
-            ).min
-        adapter_outputs = {
-            name: self.adapters[name](hidden_states, attention_bias) for name in self.config.get_active_adapters()
-        }
+        base_last, adapter_outputs, hidden_states, base = self.encode_adapters(
+            self.config.get_active_adapters(),
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cached_hidden_states=cached_hidden_states,
+            output_attentions=output_attentions,
+        )
         fused = self.fusion(base_last, adapter_outputs)
         output = KAdapterModelOutput(
             last_hidden_state=fused,
@@ -887,13 +880,44 @@ class KAdapterModel(KAdapterPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def cached_hidden_state_indices(self) -> list[int]:
-        """The base hidden_states a feature cache must hold: every active adapter's taps plus the last layer."""
-        taps = {t for name in self.active_adapters() for t in self.config.get_adapter_config(name).tap_layers}
+    def encode_adapters(
+        self,
+        adapter_names: list[str],
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cached_hidden_states: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, Any]:
+        """(base last hidden state, {adapter: output}, base hidden states, base output) without the fusion:
+        pretraining heads read one adapter's output and have no use for it."""
+        if cached_hidden_states is not None:
+            hidden_states = self._unpack_cached(cached_hidden_states, adapter_names)
+            base_last = hidden_states[self.config.base_config.num_hidden_layers]
+            base = None
+        else:
+            hidden_states, base_last, base = self._run_base(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions
+            )
+        attention_bias = None
+        if attention_mask is not None:
+            attention_bias = (1.0 - attention_mask[:, None, None, :].to(base_last.dtype)) * torch.finfo(
+                base_last.dtype
+            ).min
+        outputs = {name: self.adapters[name](hidden_states, attention_bias) for name in adapter_names}
+        return base_last, outputs, hidden_states, base
+
+    def cached_hidden_state_indices(self, adapter_names: list[str] | None = None) -> list[int]:
+        """The base hidden_states a feature cache must hold: the adapters' taps (default: the active ones) plus
+        the last layer."""
+        names = self.active_adapters() if adapter_names is None else adapter_names
+        taps = {t for name in names for t in self.config.get_adapter_config(name).tap_layers}
         return sorted(taps | {self.config.base_config.num_hidden_layers})
 
-    def _unpack_cached(self, cached: torch.Tensor) -> dict[int, torch.Tensor]:
-        indices = self.cached_hidden_state_indices()
+    def _unpack_cached(self, cached: torch.Tensor, adapter_names: list[str]) -> dict[int, torch.Tensor]:
+        indices = self.cached_hidden_state_indices(adapter_names)
         if cached.dim() != 4 or cached.shape[1] != len(indices):
             raise ValueError(
                 f"cached_hidden_states must be shaped (batch, {len(indices)}, seq, hidden) for hidden_states "
@@ -1090,16 +1114,16 @@ class _KAdapterPretrainingMixin:
         target = self.config.pretraining_adapter
         return name == target or (target is None and list(self.config.adapters) == [name])
 
+    def cached_hidden_state_indices(self) -> list[int]:
+        """What a feature cache must hold for this head: its adapter's taps plus the last layer."""
+        return self.kadapter.cached_hidden_state_indices([self.pretraining_adapter])
+
     def _adapter_features(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached):
-        core = self.kadapter
         name = self.pretraining_adapter
-        active = core.config.active_adapters
-        core.config.active_adapters = [name]
-        try:
-            out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached)
-        finally:
-            core.config.active_adapters = active
-        return self.com_dense(torch.cat([out.base_last_hidden_state, out.adapter_hidden_states[0]], dim=-1))
+        base_last, outputs, _, _ = self.kadapter.encode_adapters(
+            [name], input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached
+        )
+        return self.com_dense(torch.cat([base_last, outputs[name]], dim=-1))
 
 
 class KAdapterForFactualPretraining(_KAdapterPretrainingMixin, KAdapterForRelationClassification):

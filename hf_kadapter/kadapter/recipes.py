@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -130,11 +131,25 @@ def parse_arguments(*extra: type, argv: list[str] | None = None) -> tuple:
 
 
 def _load_adapters(model: KAdapterPreTrainedModel, args: KAdapterArguments, freeze: bool) -> None:
+    """Load every --load_adapters entry. A folder holding several adapters (a linguistic adapter pretrained with
+    the factual one alongside) may repeat an adapter already loaded: identical weights are skipped, different
+    weights under one name are refused (rename with NAME=FOLDER)."""
     for name, folder in args.adapter_sources():
         source = model.config_class.from_pretrained(folder)
-        names = [name] if name else list(source.adapters)
-        for adapter in names:
-            model.load_adapter(folder, name=adapter, freeze=freeze)
+        for adapter in [name] if name else list(source.adapters):
+            if adapter not in model.config.adapters:
+                model.load_adapter(folder, name=adapter, freeze=freeze)
+                continue
+            probe = model.load_adapter(folder, name=adapter, adapter_name="_kadapter_probe")
+            existing = model._core().adapters[adapter].state_dict()
+            same = all(torch.equal(v, existing[k]) for k, v in probe.state_dict().items())
+            model.delete_adapter("_kadapter_probe")
+            if not same:
+                raise ValueError(
+                    f"Two different adapters are named {adapter!r} (the second from {folder}): load one of them "
+                    f"under another name with --load_adapters NEWNAME={folder}."
+                )
+            logger.info("adapter %r from %s is already loaded (identical weights): skipped", adapter, folder)
 
 
 def build_pretraining_model(
