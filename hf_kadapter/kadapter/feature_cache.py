@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..file_utils import write_json_atomic
 from .modeling_kadapter import KAdapterModel, base_fingerprint
 
 FORMAT_VERSION = 1
@@ -201,17 +201,7 @@ def feature_cache_key(model: nn.Module, dataset: Any, dtype: str | torch.dtype =
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: a reader (or a resumed build after a crash) sees the old file or the new one, never half of one."""
-    handle, temp = tempfile.mkstemp(prefix=".metadata-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, data, sort_keys=True)
 
 
 def _check_frozen(model: nn.Module) -> None:

@@ -6,7 +6,6 @@ so that every recipe builds models, applies fine-tuning regimes and resumes the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..file_utils import write_json_atomic
 from .configuration_kadapter import KnowledgeAdapterConfig, default_tap_layers
 from .modeling_kadapter import KAdapterPreTrainedModel, load_base_model
 
@@ -219,10 +219,7 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
-        path = os.path.join(training_args.output_dir, "all_results.json")
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(os.path.join(training_args.output_dir, "all_results.json"), metrics, sort_keys=True)
     return metrics
 
 

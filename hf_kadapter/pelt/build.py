@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..file_utils import save_tensors_atomic, write_json_atomic
 from ..kadapter.data.records import (
     DataFormatError,
     DataReport,
@@ -60,8 +61,6 @@ from .table import (
     _is_kadapter,
     _unwrap,
     model_fingerprint,
-    save_tensors_atomic,
-    write_json_atomic,
 )
 
 logger = logging.getLogger(__name__)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import cached_file
 
+from ..file_utils import push_folder_to_hub
 from ..kadapter.modeling_kadapter import base_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -109,38 +109,6 @@ def _model_name(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------------------------
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """A reader (or a resumed build after a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, ensure_ascii=False)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def save_tensors_atomic(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> None:
-    """safetensors through a temporary file and os.replace (same guarantee as write_json_atomic)."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp, metadata=metadata)
-        with open(temp, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,17 +416,15 @@ class EntityLookupTable:
         create_pr: bool = False,
     ) -> Any:
         """Upload the folder save_pretrained writes (tensors, vocabulary, config, card) to a Hub model repo."""
-        api = HfApi(token=token if isinstance(token, str) else None)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload PELT entity table ({len(self)} entities)",
-                revision=revision,
-                create_pr=create_pr,
-            )
+        return push_folder_to_hub(
+            self.save_pretrained,
+            repo_id,
+            commit_message=commit_message or f"Upload PELT entity table ({len(self)} entities)",
+            private=private,
+            token=token if isinstance(token, str) else None,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
     def _model_card(self) -> str:
         meta = self.metadata

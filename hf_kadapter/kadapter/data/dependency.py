@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
 
+from ...file_utils import atomic_write
 from .records import (
     DataReport,
     RecordError,
@@ -218,23 +217,13 @@ def save_dependency_records(dataset: datasets.Dataset | Iterable[dict[str, Any]]
     """Write {"tokens", "heads"} records as JSON Lines, atomically (temp file + os.replace), so an interrupted
     save never leaves a truncated file where a finished parse is expected. Records are validated first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            for index, record in enumerate(dataset):
-                try:
-                    clean = _validate_words_heads({"tokens": record.get("tokens"), "heads": record.get("heads")})
-                except RecordError as error:
-                    raise ValueError(f"record {index}, field {error.field!r}: {error.why}") from None
-                stream.write(json.dumps(clean, ensure_ascii=False) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(path) as stream:
+        for index, record in enumerate(dataset):
+            try:
+                clean = _validate_words_heads({"tokens": record.get("tokens"), "heads": record.get("heads")})
+            except RecordError as error:
+                raise ValueError(f"record {index}, field {error.field!r}: {error.why}") from None
+            stream.write(json.dumps(clean, ensure_ascii=False) + "\n")
     return path
 
 
