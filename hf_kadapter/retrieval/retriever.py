@@ -1,0 +1,479 @@
+"""`RealmStyleRetriever`: an embedder + a (possibly stale) `DocumentIndex` + the documents dataset.
+
+`retrieve` takes candidates from the index (searched with detached query embeddings), then re-embeds them with
+the CURRENT embedder (`rescore=True`) so the scores f(x, z) = q(x) . d(z) carry gradients to both encoders even
+when the index was built by an older snapshot (REALM's asynchronous index refresh). `exclude_ids` removes trivial
+retrievals (e.g. the masked sentence's own document); `add_null=True` appends the null document (empty title and
+text) as an extra candidate, so the reader can rely on no document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..file_utils import push_folder_to_hub, save_tensors_atomic, write_json_atomic
+from .index import DocumentIndex
+
+__all__ = ["NULL_DOC_ID", "RealmStyleRetriever", "RetrievalOutput"]
+
+NULL_DOC_ID = "<null>"
+STATE_NAME = "build_state.json"
+RETRIEVER_CONFIG_NAME = "retriever_config.json"
+
+
+@dataclass
+class RetrievalOutput:
+    """Per query, `k` candidates (k + 1 with the null document, which is last).
+
+    scores: [B, k] f(x, z) (with gradients when rescored; -inf where `mask` is False).
+    mask: [B, k] bool, False for padding (fewer than k documents left after exclusion).
+    doc_ids / texts / titles: B lists of k (None for padding, NULL_DOC_ID / "" for the null document).
+    doc_input_ids / doc_attention_mask: [B, k, L] tokenised "title [SEP] text" of each candidate.
+    query_embeddings: [B, D]; doc_embeddings: [B, k, D]; index_scores: [B, k] scores from the (stale) index.
+    """
+
+    scores: torch.Tensor
+    mask: torch.Tensor
+    doc_ids: list[list[str | None]]
+    texts: list[list[str | None]]
+    titles: list[list[str | None]]
+    doc_input_ids: torch.Tensor
+    doc_attention_mask: torch.Tensor
+    query_embeddings: torch.Tensor
+    doc_embeddings: torch.Tensor
+    index_scores: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _column(rows: Any, name: str, default: str = "") -> list[str]:
+    if isinstance(rows, Mapping):
+        values = rows.get(name)
+        return [default] * len(next(iter(rows.values()))) if values is None else [str(v) for v in values]
+    return [str(row.get(name, default)) for row in rows]
+
+
+def _weights_fingerprint(module: nn.Module) -> str:
+    """sha1 of every parameter and buffer (names and bytes): a resumed build must use the same embedder weights."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RealmStyleRetriever:
+    """Args:
+    embedder: a module with `embed_queries(input_ids, attention_mask, token_type_ids=None) -> [B, D]` and
+        `embed_documents(...) -> [B, D]` (e.g. `RetrieverEmbedder`).
+    tokenizer: the embedder's tokenizer (documents are tokenised as pairs: title, text).
+    index: a `DocumentIndex` (may be stale: built by an older embedder snapshot).
+    documents: a `datasets.Dataset` (or list of dicts) with columns "id", "title", "text"; defaults to
+        `index.documents`.
+    """
+
+    def __init__(self, embedder: nn.Module, tokenizer: Any, index: DocumentIndex | None = None, documents: Any = None):
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.index = index
+        if documents is None and index is not None:
+            documents = index.documents
+        self.documents = documents
+        self._doc_rows: dict[str, int] | None = None
+
+    # ----- documents ---------------------------------------------------------------------------------------------
+    def _document_rows(self) -> dict[str, int]:
+        if self._doc_rows is None or len(self._doc_rows) != len(self.documents):
+            ids = self.documents["id"] if hasattr(self.documents, "column_names") else [d["id"] for d in self.documents]
+            self._doc_rows = {str(doc_id): row for row, doc_id in enumerate(ids)}
+        return self._doc_rows
+
+    def get_documents(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        if self.documents is None:
+            raise ValueError("RealmStyleRetriever has no documents: pass `documents` (columns id, title, text).")
+        rows = self._document_rows()
+        missing = [doc_id for doc_id in ids if doc_id not in rows]
+        if missing:
+            raise KeyError(f"document ids not in the documents: {missing[:5]!r}")
+        if hasattr(self.documents, "select"):
+            selected = self.documents.select([rows[doc_id] for doc_id in ids])
+            return [selected[i] for i in range(len(ids))]
+        return [self.documents[rows[doc_id]] for doc_id in ids]
+
+    def tokenize_documents(self, titles: Sequence[str], texts: Sequence[str], max_length: int = 288) -> dict:
+        """title [SEP] text, as REALM/ORQA's document blocks (a pair; an empty title gives [CLS] [SEP] text [SEP]).
+        Truncation is longest_first, so a long text is cut before its title, and an over-long title cannot fail."""
+        return self.tokenizer(
+            list(titles),
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+
+    def _device(self, module: nn.Module | None = None) -> torch.device:
+        module = self.embedder if module is None else module
+        try:
+            return next(module.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    # ----- index building ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_corpus(
+        self,
+        dataset: Any,
+        batch_size: int = 64,
+        max_length: int = 288,
+        progress: bool = True,
+        embedder: nn.Module | None = None,
+        output_dir: str | os.PathLike | None = None,
+        rows: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Document embeddings [len(rows), D] (float32, CPU) in batches; with `output_dir`, each batch is written
+        atomically as `chunk-{start}.safetensors` and skipped when the build is resumed."""
+        embedder = self.embedder if embedder is None else embedder
+        was_training = embedder.training
+        embedder.eval()
+        device = self._device(embedder)
+        rows = list(range(len(dataset))) if rows is None else list(rows)
+        folder = None if output_dir is None else Path(output_dir)
+        pieces = []
+        try:
+            for start in tqdm(
+                range(0, len(rows), batch_size), desc="Embedding documents", disable=not progress, leave=False
+            ):
+                block = rows[start : start + batch_size]
+                chunk = None if folder is None else folder / f"chunk-{block[0]:010d}-{len(block)}.safetensors"
+                if chunk is not None and chunk.is_file():
+                    from safetensors.torch import load_file
+
+                    pieces.append(load_file(str(chunk))["embeddings"])
+                    continue
+                selected = dataset.select(block) if hasattr(dataset, "select") else [dataset[i] for i in block]
+                inputs = self.tokenize_documents(_column(selected, "title"), _column(selected, "text"), max_length)
+                inputs = {key: value.to(device) for key, value in inputs.items()}
+                embeddings = embedder.embed_documents(**inputs).float().cpu()
+                if chunk is not None:
+                    save_tensors_atomic(chunk, {"embeddings": embeddings})
+                pieces.append(embeddings)
+        finally:
+            embedder.train(was_training)
+        if not pieces:
+            raise ValueError("no documents to embed")
+        return torch.cat(pieces)
+
+    def build_index(
+        self,
+        dataset: Any,
+        batch_size: int = 64,
+        max_length: int = 288,
+        output_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        embedder: nn.Module | None = None,
+        set_index: bool = True,
+        distributed: bool = True,
+        **index_kwargs: Any,
+    ) -> DocumentIndex:
+        """Embed every document of `dataset` (columns id, title, text) and build a `DocumentIndex`.
+
+        `output_dir`: embeddings are written there batch by batch (atomically) with a `build_state.json`; a crashed
+        or interrupted build resumes from the finished batches. The state records the number of documents,
+        batch_size, max_length, world size, a sha1 of the embedder weights and the datasets fingerprint: a build with
+        other settings or another embedder snapshot raises instead of mixing stale chunks in. The finished index is
+        saved to `output_dir/index`. Under torch.distributed, rows are split round-robin by batch
+        across ranks; with `output_dir` (a shared folder) every rank then reads all chunks, otherwise embeddings are
+        exchanged with all_gather_object. `embedder` overrides self.embedder (used by the refresh callback with a
+        snapshot); `set_index=False` returns the index without installing it; `distributed=False` embeds everything in
+        this process with no collective calls (required off the main thread, e.g. in IndexRefreshCallback). `index_kwargs` go to DocumentIndex.
+        """
+        rank, world = _distributed() if distributed else (0, 1)
+        total = len(dataset)
+        batches = [list(range(s, min(s + batch_size, total))) for s in range(0, total, batch_size)]
+        folder = None if output_dir is None else Path(output_dir)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {
+                "num_documents": total,
+                "batch_size": batch_size,
+                "max_length": max_length,
+                "world_size": world,
+                "embedder_sha1": _weights_fingerprint(self.embedder if embedder is None else embedder),
+                "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+            }
+            state_path = folder / STATE_NAME
+            if state_path.is_file():
+                previous = json.loads(state_path.read_text(encoding="utf-8"))
+                if any(previous.get(key) != value for key, value in state.items()):
+                    raise ValueError(
+                        f"{folder} holds a build with different settings {previous}; use another output_dir"
+                    )
+            elif rank == 0:
+                write_json_atomic(state_path, {**state, "complete": False})
+        # embed_corpus writes one chunk per call-batch: pass rank-local batches one by one so chunk names match.
+        pieces = {}
+        bar = tqdm(total=len(batches), desc="Building index", disable=not progress or rank != 0, leave=False)
+        for i, block in enumerate(batches):
+            if i % world == rank:
+                pieces[i] = self.embed_corpus(
+                    dataset,
+                    batch_size=len(block),
+                    max_length=max_length,
+                    progress=False,
+                    embedder=embedder,
+                    output_dir=folder,
+                    rows=block,
+                )
+            bar.update(1)
+        bar.close()
+        if world > 1:
+            if folder is not None:
+                torch.distributed.barrier()
+                from safetensors.torch import load_file
+
+                for i, block in enumerate(batches):
+                    if i not in pieces:
+                        name = folder / f"chunk-{block[0]:010d}-{len(block)}.safetensors"
+                        pieces[i] = load_file(str(name))["embeddings"]
+            else:
+                gathered: list[Any] = [None] * world
+                torch.distributed.all_gather_object(gathered, pieces)
+                pieces = {i: p for part in gathered for i, p in part.items()}
+        embeddings = torch.cat([pieces[i] for i in range(len(batches))])
+        ids = [str(v) for v in (dataset["id"] if hasattr(dataset, "column_names") else [d["id"] for d in dataset])]
+        documents = dataset if hasattr(dataset, "column_names") else None
+        index = DocumentIndex(ids, embeddings, documents=documents, **index_kwargs)
+        if folder is not None and rank == 0:
+            index.save_pretrained(folder / "index", save_documents=False)
+            write_json_atomic(folder / STATE_NAME, {**state, "complete": True})
+        if set_index:
+            self.index = index
+            if self.documents is None or documents is not None:
+                self.documents = dataset
+                self._doc_rows = None
+        return index
+
+    def add_documents(self, dataset: Any, batch_size: int = 64, max_length: int = 288, progress: bool = False) -> None:
+        """Embed new documents (columns id, title, text) with the current embedder and add them to the index and to
+        `documents`, without rebuilding the index (DocumentIndex.add)."""
+        if self.index is None:
+            raise ValueError("No index: call build_index first.")
+        embeddings = self.embed_corpus(dataset, batch_size=batch_size, max_length=max_length, progress=progress)
+        ids = [str(v) for v in (dataset["id"] if hasattr(dataset, "column_names") else [d["id"] for d in dataset])]
+        self.index.add(ids, embeddings)
+        if self.documents is None:
+            self.documents = dataset
+        elif hasattr(self.documents, "column_names"):
+            from datasets import Dataset, concatenate_datasets
+
+            new = dataset if hasattr(dataset, "column_names") else Dataset.from_list(list(dataset))
+            columns = [c for c in self.documents.column_names if c in new.column_names]
+            old, new = self.documents.select_columns(columns), new.select_columns(columns)
+            if new.features != old.features:
+                new = new.cast(old.features)
+            self.documents = concatenate_datasets([old, new])
+        else:
+            self.documents = list(self.documents) + list(dataset)
+        if self.index.documents is not None:
+            self.index.documents = self.documents
+        self._doc_rows = None
+
+    def remove_documents(self, ids: Sequence[str]) -> None:
+        """Remove documents from the index (DocumentIndex.remove); the documents dataset keeps its rows (they are
+        looked up by id, so removed ones are simply never returned)."""
+        if self.index is None:
+            raise ValueError("No index: call build_index first.")
+        self.index.remove([str(i) for i in ids])
+
+    # ----- retrieval -------------------------------------------------------------------------------------------
+    def _tokenize_queries(self, queries: Any, max_length: int) -> dict[str, torch.Tensor]:
+        if isinstance(queries, str):
+            queries = [queries]
+        if isinstance(queries, (list, tuple)):
+            return dict(
+                self.tokenizer(list(queries), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            )
+        return {key: queries[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in queries}
+
+    def retrieve(
+        self,
+        queries: Any,
+        k: int = 8,
+        exclude_ids: Sequence[Sequence[str] | str | None] | None = None,
+        add_null: bool = False,
+        rescore: bool = True,
+        max_length: int = 128,
+        doc_max_length: int = 288,
+    ) -> RetrievalOutput:
+        """Top-k documents per query.
+
+        queries: list of strings, or a tokenised batch (input_ids, attention_mask[, token_type_ids]).
+        exclude_ids: per query, ids (or one id) never returned (REALM excludes the masked sentence's own document).
+        add_null: append the null document (empty title/text, embedded by the document encoder) as candidate k+1.
+        rescore: re-embed the candidates with the current embedder (scores carry gradients to both encoders);
+            otherwise the scores are q(x) . E_index[z] (gradients reach the query encoder only).
+        """
+        if self.index is None:
+            raise ValueError("No index: call build_index(dataset) or pass index=... first.")
+        device = self._device()
+        inputs = {key: value.to(device) for key, value in self._tokenize_queries(queries, max_length).items()}
+        query_emb = self.embedder.embed_queries(**inputs)
+        batch = query_emb.shape[0]
+        if exclude_ids is None:
+            exclude_ids = [None] * batch
+        if len(exclude_ids) != batch:
+            raise ValueError(f"exclude_ids has {len(exclude_ids)} entries for {batch} queries")
+        excluded = [set() if e is None else {e} if isinstance(e, str) else set(map(str, e)) for e in exclude_ids]
+        extra = max((len(e) for e in excluded), default=0)
+        index_scores, index_rows = self.index.search(query_emb.detach().float(), k + extra)
+        found_ids = self.index.ids_at(index_rows.cpu())
+
+        doc_ids: list[list[str | None]] = []
+        kept_scores = torch.full((batch, k), float("-inf"))
+        for b in range(batch):
+            row_ids = []
+            for j, doc_id in enumerate(found_ids[b]):
+                if doc_id is None or doc_id in excluded[b]:
+                    continue
+                kept_scores[b, len(row_ids)] = index_scores[b, j]
+                row_ids.append(doc_id)
+                if len(row_ids) == k:
+                    break
+            doc_ids.append(row_ids + [None] * (k - len(row_ids)))
+        mask = torch.tensor([[d is not None for d in row] for row in doc_ids], dtype=torch.bool)
+
+        flat = [d for row in doc_ids for d in row if d is not None]
+        records = {d: r for d, r in zip(flat, self.get_documents(flat), strict=True)} if flat else {}
+        titles = [[None if d is None else str(records[d].get("title", "")) for d in row] for row in doc_ids]
+        texts = [[None if d is None else str(records[d].get("text", "")) for d in row] for row in doc_ids]
+        if add_null:
+            for row_ids, row_titles, row_texts in zip(doc_ids, titles, texts, strict=True):
+                row_ids.append(NULL_DOC_ID)
+                row_titles.append("")
+                row_texts.append("")
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.bool)], dim=1)
+        width = mask.shape[1]
+        doc_inputs = self.tokenize_documents(
+            [t or "" for row in titles for t in row], [t or "" for row in texts for t in row], doc_max_length
+        )
+        doc_inputs = {key: value.to(device) for key, value in doc_inputs.items()}
+        mask = mask.to(device)
+
+        if rescore:
+            doc_emb = self.embedder.embed_documents(**doc_inputs).view(batch, width, -1)
+        else:
+            stale = torch.zeros(batch, width, query_emb.shape[-1], device=device)
+            for b in range(batch):
+                present = [j for j, d in enumerate(doc_ids[b]) if d is not None and d != NULL_DOC_ID]
+                if present:
+                    stale[b, present] = self.index.get([doc_ids[b][j] for j in present]).to(device, stale.dtype)
+            if add_null:
+                with torch.no_grad():
+                    null = self.embedder.embed_documents(**{key: v[-1:] for key, v in doc_inputs.items()})
+                stale[:, -1] = null.to(stale.dtype)
+            doc_emb = stale
+        scores = torch.einsum("bd,bkd->bk", query_emb.float(), doc_emb.float()).masked_fill(~mask, float("-inf"))
+        if add_null:
+            kept_scores = torch.cat([kept_scores, scores[:, -1:].detach().cpu()], dim=1)
+        seq = doc_inputs["input_ids"].shape[-1]
+        return RetrievalOutput(
+            scores=scores,
+            mask=mask,
+            doc_ids=doc_ids,
+            texts=texts,
+            titles=titles,
+            doc_input_ids=doc_inputs["input_ids"].view(batch, width, seq),
+            doc_attention_mask=doc_inputs["attention_mask"].view(batch, width, seq),
+            query_embeddings=query_emb,
+            doc_embeddings=doc_emb,
+            index_scores=kept_scores.to(device),
+            extra={"doc_token_type_ids": doc_inputs.get("token_type_ids")},
+        )
+
+    __call__ = retrieve
+
+    # ----- persistence -------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """embedder/ (save_pretrained), tokenizer in embedder/, index/ (DocumentIndex), documents/ (save_to_disk)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.embedder.save_pretrained(str(folder / "embedder"))
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(folder / "embedder"))
+        if self.index is not None:
+            self.index.save_pretrained(folder / "index", save_documents=False)
+        if self.documents is not None:
+            documents = self.documents
+            if not hasattr(documents, "save_to_disk"):
+                from datasets import Dataset
+
+                documents = Dataset.from_list(list(documents))
+            documents.save_to_disk(str(folder / "documents"))
+        write_json_atomic(
+            folder / RETRIEVER_CONFIG_NAME,
+            {"has_index": self.index is not None, "has_documents": self.documents is not None},
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload RealmStyleRetriever",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        """save_pretrained into a temporary folder and upload it (creating the repo if needed)."""
+        return push_folder_to_hub(
+            self.save_pretrained,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, embedder_class: Any = None, device: str | torch.device | None = None
+    ) -> RealmStyleRetriever:
+        folder = Path(directory)
+        config = json.loads((folder / RETRIEVER_CONFIG_NAME).read_text(encoding="utf-8"))
+        if embedder_class is None:
+            from transformers import AutoModel
+
+            embedder_class = AutoModel
+        embedder = embedder_class.from_pretrained(str(folder / "embedder"))
+        if device is not None:
+            embedder = embedder.to(device)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "embedder"))
+        documents = None
+        if config.get("has_documents"):
+            from datasets import load_from_disk
+
+            documents = load_from_disk(str(folder / "documents"))
+        index = None
+        if config.get("has_index"):
+            index = DocumentIndex.from_pretrained(folder / "index", device=device)
+            index.documents = documents
+        return cls(embedder, tokenizer, index=index, documents=documents)
