@@ -20,6 +20,7 @@ from .realm import (
     salient_span_mlm_batch,
     salient_spans,
 )
+from .reader import OpenQAReader, ask, evaluate_open_qa, marginal_loss, prepare_reader_inputs
 from .retriever import NULL_DOC_ID, RealmStyleRetriever, RetrievalOutput
 
 AutoConfig.register(RetrieverEmbedderConfig.model_type, RetrieverEmbedderConfig, exist_ok=True)
@@ -29,15 +30,20 @@ __all__ = [
     "NULL_DOC_ID",
     "DocumentIndex",
     "IndexRefreshCallback",
+    "OpenQAReader",
     "RealmKnowledgeAugmentedMLM",
     "RealmStyleRetriever",
     "RetrievalOutput",
     "RetrieverEmbedder",
     "RetrieverEmbedderConfig",
     "RetrieverEmbedderOutput",
+    "ask",
+    "evaluate_open_qa",
     "exact_topk",
     "ict_examples",
     "ict_loss",
+    "marginal_loss",
+    "prepare_reader_inputs",
     "realm_marginal_log_likelihood",
     "salient_span_mask",
     "salient_span_mlm_batch",

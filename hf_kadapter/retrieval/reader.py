@@ -1,0 +1,309 @@
+"""Open-domain QA reader after REALM / ORQA: span scoring over the top-k retrieved documents.
+
+Each retrieved document z is read as "[CLS] question [SEP] document [SEP]" by an encoder (any BERT-like
+`AutoModel`, or a K-Adapter model: its `last_hidden_state` is used). A span (s, e) inside the document part,
+at most `max_span_width` tokens long, gets the score S(s, e, z) = MLP([h_s; h_e]) (one hidden layer of
+`span_hidden_size`, 256 in REALM, ReLU) plus the retrieval score f(x, z). All spans of all k documents share
+one softmax (REALM's / ORQA's joint reader distribution p(span, z | x)), and the training loss is the marginal
+
+    -log sum_{z, span : text(span) matches an answer} p(span, z | x).
+
+Examples where no retrieved document contains an answer have no such span: REALM drops them. Here they are
+masked out of the loss (`has_answer` says which), or `on_missing="raise"` raises instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+NEG_INF = -1e9
+
+
+def _hidden_size(encoder: nn.Module) -> int:
+    config = encoder.config
+    base = getattr(config, "base_config", None)  # K-Adapter models keep the base's config
+    if getattr(config, "hidden_size", None) is None and base is not None:
+        return base.hidden_size
+    return config.hidden_size
+
+
+@dataclass
+class ReaderOutput:
+    """span_logits: [B, k, L, W] joint logits S(s, s + w, z) + f(x, z) (NEG_INF where the span is invalid).
+
+    loss: the marginal loss (None without `answer_mask`); has_answer: [B] bool, examples with a correct span.
+    """
+
+    span_logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    has_answer: torch.Tensor | None = None
+
+
+class OpenQAReader(nn.Module):
+    """Span reader over k documents per question; `encoder(input_ids=..., inputs_embeds=...)` -> last_hidden_state.
+
+    detach_retrieval: when False (default) the loss also trains the retriever through f(x, z).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        span_hidden_size: int = 256,
+        max_span_width: int = 10,
+        use_retrieval_score: bool = True,
+        detach_retrieval: bool = False,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        hidden = _hidden_size(encoder)
+        self.max_span_width = max_span_width
+        self.use_retrieval_score = use_retrieval_score
+        self.detach_retrieval = detach_retrieval
+        # MLP([h_s; h_e]) = w . relu(A h_s + B h_e + b) + c, computed per width without materialising all pairs.
+        self.start_projection = nn.Linear(hidden, span_hidden_size)
+        self.end_projection = nn.Linear(hidden, span_hidden_size, bias=False)
+        self.span_output = nn.Linear(span_hidden_size, 1)
+
+    def span_scores(self, hidden: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
+        """hidden [N, L, H], doc_mask [N, L] -> [N, L, W] scores of span (s, s + w); NEG_INF if invalid."""
+        n, length, _ = hidden.shape
+        start, end = self.start_projection(hidden), self.end_projection(hidden)
+        scores = hidden.new_full((n, length, self.max_span_width), NEG_INF)
+        doc_mask = doc_mask.bool()
+        running = doc_mask.clone()  # all tokens s .. s + w inside the document part
+        for w in range(min(self.max_span_width, length)):
+            if w > 0:
+                running = running[:, :-1] & doc_mask[:, w:]
+            score = self.span_output(torch.relu(start[:, : length - w] + end[:, w:])).squeeze(-1)
+            ok = running[:, : length - w]
+            scores[:, : length - w, w] = torch.where(ok, score, scores.new_tensor(NEG_INF))
+        return scores
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        doc_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        retrieval_scores: torch.Tensor | None = None,
+        doc_valid: torch.Tensor | None = None,
+        answer_mask: torch.Tensor | None = None,
+        on_missing: str = "mask",
+        **encoder_kwargs: Any,
+    ) -> ReaderOutput:
+        """Inputs are [B, k, L] ([B, k, L, H] for inputs_embeds); retrieval_scores / doc_valid [B, k];
+        answer_mask [B, k, L, W] (from `prepare_reader_inputs`) gives the loss."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None or doc_mask is None:
+            raise ValueError("OpenQAReader needs input_ids (or inputs_embeds) and doc_mask")
+        batch, k, length = reference.shape[:3]
+
+        def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.reshape(batch * k, *x.shape[2:])
+
+        kwargs = {"attention_mask": flat(attention_mask), **encoder_kwargs}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = flat(token_type_ids)
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = flat(inputs_embeds)
+        else:
+            kwargs["input_ids"] = flat(input_ids)
+        hidden = self.encoder(**kwargs).last_hidden_state
+        logits = self.span_scores(hidden, flat(doc_mask)).view(batch, k, length, self.max_span_width)
+        docs_ok = torch.ones(batch, k, dtype=torch.bool, device=logits.device) if doc_valid is None else doc_valid
+        if retrieval_scores is not None:
+            docs_ok = docs_ok & torch.isfinite(retrieval_scores)
+            if self.use_retrieval_score:
+                rs = retrieval_scores.detach() if self.detach_retrieval else retrieval_scores
+                rs = torch.where(docs_ok, rs, torch.zeros_like(rs)).to(logits.dtype)
+                logits = logits + rs[:, :, None, None]
+        logits = torch.where(docs_ok[:, :, None, None] & (logits > NEG_INF / 2), logits, logits.new_tensor(NEG_INF))
+        output = ReaderOutput(span_logits=logits)
+        if answer_mask is not None:
+            output.loss, output.has_answer = marginal_loss(logits, answer_mask, on_missing=on_missing)
+        return output
+
+
+def marginal_loss(
+    span_logits: torch.Tensor, answer_mask: torch.Tensor, on_missing: str = "mask"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log sum_{correct (z, span)} p(span, z | x), the softmax over all spans of all k documents jointly.
+
+    span_logits, answer_mask: [B, k, L, W] (any [B, ...] works). Examples without a correct span (no retrieved
+    document contains the answer) are dropped from the mean, as in REALM; `has_answer` [B] says which were kept.
+    on_missing="raise" raises ValueError instead. If no example has an answer the loss is 0 (still a graph).
+    Returns (loss, has_answer).
+    """
+    if on_missing not in ("mask", "raise"):
+        raise ValueError(f"on_missing must be 'mask' or 'raise', got {on_missing!r}")
+    flat_logits = span_logits.reshape(span_logits.shape[0], -1)
+    correct = answer_mask.reshape(answer_mask.shape[0], -1).bool() & (flat_logits > NEG_INF / 2)
+    has_answer = correct.any(dim=1)
+    if on_missing == "raise" and not bool(has_answer.all()):
+        missing = (~has_answer).nonzero().flatten().tolist()
+        raise ValueError(f"examples {missing} have no retrieved document containing the answer")
+    log_total = torch.logsumexp(flat_logits, dim=1)
+    log_correct = torch.logsumexp(flat_logits.masked_fill(~correct, NEG_INF), dim=1)
+    losses = (log_total - log_correct)[has_answer]
+    if losses.numel() == 0:
+        return flat_logits.sum() * 0.0, has_answer
+    return losses.mean(), has_answer
+
+
+def _answer_token_ids(tokenizer: Any, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def prepare_reader_inputs(
+    tokenizer: Any,
+    questions: Sequence[str],
+    documents: Sequence[Sequence[str | None]],
+    answers: Sequence[Sequence[str] | str | None] | None = None,
+    max_length: int = 288,
+    max_span_width: int = 10,
+    whole_words: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Tokenise "[CLS] question [SEP] document [SEP]" for each of the k documents of each question.
+
+    documents: [B][k] texts (None for padding, e.g. RetrievalOutput.texts). Returns input_ids, attention_mask,
+    token_type_ids, doc_mask (document tokens, no [SEP]/[PAD]) [B, k, L], doc_valid [B, k], and with
+    `answers` answer_mask [B, k, L, W]: spans whose token ids equal a tokenised answer (answers are matched on
+    the tokenizer's normalised tokens, so "Paris" matches "paris" with an uncased tokenizer). `whole_words`:
+    a match must not start or end inside a word (WordPiece "##" continuation tokens), so "pa" does not match
+    the start of "paris"; other subword schemes are matched on tokens only.
+    """
+    batch, k = len(questions), len(documents[0])
+    if any(len(docs) != k for docs in documents):
+        raise ValueError("every question needs the same number of documents (pad with None)")
+    firsts = [q for q in questions for _ in range(k)]
+    seconds = [d or "" for docs in documents for d in docs]
+    enc = tokenizer(
+        firsts,
+        seconds,
+        padding=True,
+        truncation="only_second",
+        max_length=max_length,
+        return_tensors="pt",
+        return_token_type_ids=True,
+    )
+    input_ids, types = enc["input_ids"], enc["token_type_ids"]
+    special = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in tokenizer.all_special_ids:
+        special |= input_ids == token_id
+    doc_mask = (types == 1) & enc["attention_mask"].bool() & ~special
+    length = input_ids.shape[1]
+    out = {
+        "input_ids": input_ids.view(batch, k, length),
+        "attention_mask": enc["attention_mask"].view(batch, k, length),
+        "token_type_ids": types.view(batch, k, length),
+        "doc_mask": doc_mask.view(batch, k, length),
+        "doc_valid": torch.tensor([[d is not None for d in docs] for docs in documents], dtype=torch.bool),
+    }
+    if answers is not None:
+        mask = torch.zeros(batch * k, length, max_span_width, dtype=torch.bool)
+        for row in range(batch * k):
+            gold = answers[row // k]
+            gold = [] if gold is None else [gold] if isinstance(gold, str) else list(gold)
+            ids, inside = input_ids[row].tolist(), doc_mask[row].tolist()
+            pieces = tokenizer.convert_ids_to_tokens(ids) if whole_words else None
+            for answer in gold:
+                target = _answer_token_ids(tokenizer, answer)
+                width = len(target)
+                if not 0 < width <= max_span_width:
+                    continue
+                for s in range(length - width + 1):
+                    if ids[s : s + width] != target or not all(inside[s : s + width]):
+                        continue
+                    if pieces is not None and (
+                        str(pieces[s]).startswith("##")
+                        or (s + width < length and str(pieces[s + width]).startswith("##"))
+                    ):
+                        continue
+                    mask[row, s, width - 1] = True
+        out["answer_mask"] = mask.view(batch, k, length, max_span_width)
+    return out
+
+
+def best_spans(span_logits: torch.Tensor) -> list[tuple[int, int, int, float]]:
+    """Per question, the highest-scoring (doc index, start, end (inclusive), joint logit)."""
+    batch, k, length, width = span_logits.shape
+    values, flat = span_logits.reshape(batch, -1).max(dim=1)
+    results = []
+    for value, index in zip(values.tolist(), flat.tolist(), strict=True):
+        doc, rest = divmod(index, length * width)
+        start, w = divmod(rest, width)
+        results.append((doc, start, start + w, value))
+    return results
+
+
+def span_text(tokenizer: Any, input_ids: torch.Tensor, start: int, end: int) -> str:
+    return tokenizer.decode(input_ids[start : end + 1].tolist(), skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def predict(
+    questions: Sequence[str],
+    retriever: Any,
+    reader: OpenQAReader,
+    tokenizer: Any,
+    k: int = 5,
+    max_length: int = 288,
+) -> list[tuple[str, str | None, float]]:
+    """(answer text, document id, joint logit) per question: retrieve top-k, read, take the best span."""
+    retrieval = retriever.retrieve(list(questions), k=k)
+    inputs = prepare_reader_inputs(
+        tokenizer, questions, retrieval.texts, max_length=max_length, max_span_width=reader.max_span_width
+    )
+    device = next(reader.parameters()).device
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    out = reader(**inputs, retrieval_scores=retrieval.scores.to(device))
+    answers = []
+    for b, (doc, start, end, score) in enumerate(best_spans(out.span_logits)):
+        text = span_text(tokenizer, inputs["input_ids"][b, doc], start, end)
+        answers.append((text, retrieval.doc_ids[b][doc], score))
+    return answers
+
+
+def ask(question: str, retriever: Any, reader: OpenQAReader, tokenizer: Any, k: int = 5) -> tuple[str, Any, float]:
+    """End to end: (answer text, id of the document it came from, joint logit of the span)."""
+    return predict([question], retriever, reader, tokenizer, k=k)[0]
+
+
+def evaluate_open_qa(
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str] | str],
+    retriever: Any,
+    reader: OpenQAReader,
+    tokenizer: Any,
+    k: int = 5,
+) -> dict[str, float]:
+    """SQuAD exact match / F1 (the package's "squad_em_f1" metric) of `predict` against gold answers."""
+    from hf_kadapter.kadapter.metrics import load_metric
+
+    predictions = predict(questions, retriever, reader, tokenizer, k=k)
+    metric = load_metric("squad_em_f1", keep_in_memory=True)
+    result = metric.compute(
+        predictions=[{"id": str(i), "prediction_text": p[0]} for i, p in enumerate(predictions)],
+        references=[
+            {"id": str(i), "answers": {"text": [a] if isinstance(a, str) else list(a)}} for i, a in enumerate(answers)
+        ],
+    )
+    return {key: float(value) for key, value in result.items()}
+
+
+__all__ = [
+    "OpenQAReader",
+    "ReaderOutput",
+    "ask",
+    "best_spans",
+    "evaluate_open_qa",
+    "marginal_loss",
+    "predict",
+    "prepare_reader_inputs",
+]
