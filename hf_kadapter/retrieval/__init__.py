@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_retriever import RetrieverEmbedderConfig
 from .index import DocumentIndex, exact_topk
 from .modeling_retriever import RetrieverEmbedder, RetrieverEmbedderOutput
+from .reader import OpenQAReader, ask, evaluate_open_qa, marginal_loss, prepare_reader_inputs
 from .realm import (
     IndexRefreshCallback,
     RealmKnowledgeAugmentedMLM,
@@ -20,7 +21,6 @@ from .realm import (
     salient_span_mlm_batch,
     salient_spans,
 )
-from .reader import OpenQAReader, ask, evaluate_open_qa, marginal_loss, prepare_reader_inputs
 from .retriever import NULL_DOC_ID, RealmStyleRetriever, RetrievalOutput
 
 AutoConfig.register(RetrieverEmbedderConfig.model_type, RetrieverEmbedderConfig, exist_ok=True)
