@@ -187,3 +187,24 @@ def test_push_to_hub(monkeypatch):
     assert "model.safetensors" in uploaded["files"] and "config.json" in uploaded["files"]
     assert uploaded["commit_message"] == "hi"
     assert uploaded["dim"] == 8
+
+
+def test_a_kadapter_model_is_a_retriever_encoder(tmp_path):
+    """Knowledge adapters compose with retrieval: a K-Adapter model embeds queries and documents."""
+    from conftest import BASES, batch, make_model
+    from transformers import BertConfig, BertModel
+
+    import hf_kadapter as hk
+    from hf_kadapter.retrieval import RetrieverEmbedder
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(**BASES["bert"][2]), add_pooling_layer=False).save_pretrained(tmp_path / "base")
+    kadapter = make_model(str(tmp_path / "base"))
+    embedder = RetrieverEmbedder.from_encoder(kadapter, projection_dim=16).eval()
+    inputs = batch()
+    queries = embedder.embed_queries(inputs["input_ids"], inputs["attention_mask"])
+    assert queries.shape == (3, 16)
+    embedder.save_pretrained(tmp_path / "embedder")
+    reloaded = RetrieverEmbedder.from_pretrained(tmp_path / "embedder").eval()
+    assert isinstance(reloaded.query_tower.encoder, hk.KAdapterModel)
+    assert torch.allclose(reloaded.embed_queries(inputs["input_ids"], inputs["attention_mask"]), queries, atol=1e-5)
