@@ -271,7 +271,6 @@ def _distributed_build(rank: int, world: int, port: int, folder: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="2-process gloo run (~15 s on 2 cores); set RUN_SLOW=1")
 def test_build_index_splits_rows_across_processes(tmp_path, corpus):
     import socket
 
