@@ -196,3 +196,17 @@ def test_padding_documents_get_no_spans(tokenizer):
         out = reader(**inputs, retrieval_scores=torch.tensor([[0.2, float("-inf")]]))
     assert bool((out.span_logits[0, 1] <= NEG_INF / 2).all()) and bool((out.span_logits[0, 0] > NEG_INF / 2).any())
     assert torch.isfinite(out.loss)
+
+
+def test_mismatched_span_width_is_a_clear_error():
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=64))  # fmt: skip
+    reader = OpenQAReader(encoder, max_span_width=4)
+    inputs = {
+        "input_ids": torch.randint(5, 64, (1, 2, 8)),
+        "attention_mask": torch.ones(1, 2, 8, dtype=torch.long),
+        "doc_mask": torch.ones(1, 2, 8, dtype=torch.bool),
+        "answer_mask": torch.zeros(1, 2, 8, 10, dtype=torch.bool),
+    }
+    with pytest.raises(ValueError, match="max_span_width=4"):
+        reader(**inputs)

@@ -126,6 +126,12 @@ class OpenQAReader(nn.Module):
         logits = torch.where(docs_ok[:, :, None, None] & (logits > NEG_INF / 2), logits, logits.new_tensor(NEG_INF))
         output = ReaderOutput(span_logits=logits)
         if answer_mask is not None:
+            if tuple(answer_mask.shape) != tuple(logits.shape):
+                raise ValueError(
+                    f"answer_mask has shape {tuple(answer_mask.shape)} but the reader scores spans of shape "
+                    f"{tuple(logits.shape)} (batch, k, length, max_span_width={self.max_span_width}): build the "
+                    "inputs with prepare_reader_inputs(..., max_span_width=reader.max_span_width)."
+                )
             output.loss, output.has_answer = marginal_loss(logits, answer_mask, on_missing=on_missing)
         return output
 
