@@ -3,12 +3,9 @@ recipe exactly like plain python (CPU: one process, and ddp.yaml with two gloo p
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -18,6 +15,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 from safetensors.torch import load_file
+from test_distributed import _free_port, _losses
 from test_recipes import ROOT, _argv, _run, recipe_base  # noqa: F401 (recipe_base is a fixture)
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, StateDictType
 from transformers import RobertaConfig, RobertaModel
@@ -141,17 +139,6 @@ def test_deepspeed_config_leaves_accumulation_and_clipping_to_the_trainer():
     assert plugin.deepspeed_config["zero_optimization"]["offload_param"]["device"] == "none"
     assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"  # filled from TrainingArguments
     assert plugin.deepspeed_config["gradient_clipping"] == "auto"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _losses(output: Path) -> list[float]:
-    state = json.loads((output / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
 def test_accelerate_launch_trains_like_plain_python(recipe_base, tmp_path):  # noqa: F811

@@ -37,7 +37,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput, cached_file
 
-from .configuration_kadapter import KAdapterConfig, KnowledgeAdapterConfig
+from .configuration_kadapter import KAdapterConfig, KnowledgeAdapterConfig, default_tap_layers
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -482,8 +482,6 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 f"An adapter named {adapter_name!r} already exists; choose another name or delete_adapter it."
             )
         if adapter_config is None:
-            from .configuration_kadapter import default_tap_layers
-
             kwargs.setdefault("tap_layers", default_tap_layers(config.base_config.num_hidden_layers))
             adapter_config = KnowledgeAdapterConfig(**kwargs)
         elif isinstance(adapter_config, dict):

@@ -22,6 +22,7 @@ from torch.nn import init
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..file_utils import push_folder_to_hub
 from ..kadapter.modeling_kadapter import _bare_encoder
 from ..kadapter.modeling_kadapter import _base_init_kwargs as _encoder_init_kwargs
 from .configuration_retriever import RetrieverEmbedderConfig
@@ -212,18 +213,6 @@ class RetrieverEmbedder(RetrieverEmbedderPreTrainedModel):
         **kwargs: Any,
     ):
         """Save (safetensors) into a temporary folder and upload it, creating the repo if needed."""
-        try:  # absolute and guarded: this file may be shipped as remote code next to a checkpoint
-            from hf_kadapter.file_utils import push_folder_to_hub
-        except ImportError:  # pragma: no cover - remote code without the package installed
-            return super().push_to_hub(
-                repo_id,
-                commit_message=commit_message,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                **kwargs,
-            )
         return push_folder_to_hub(
             lambda folder: self.save_pretrained(folder, **kwargs),
             repo_id,
