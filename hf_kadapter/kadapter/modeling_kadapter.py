@@ -1028,8 +1028,11 @@ class KAdapterForSequenceClassification(_KAdapterHeadModel):
         inputs_embeds=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         logits = self.classifier(out.last_hidden_state[:, 0])
         loss = None if labels is None else _classification_loss(self.config, logits, labels)
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
@@ -1048,8 +1051,11 @@ class KAdapterForEntityTyping(_KAdapterHeadModel):
         entity_positions=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         logits = self.classifier(_gather(out.last_hidden_state, entity_positions, "entity_positions"))
         loss = None if labels is None else F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
@@ -1076,8 +1082,11 @@ class KAdapterForRelationClassification(_KAdapterHeadModel):
         object_positions=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         features = self._features(out)
         logits = self.classifier(self._pair_features(features, subject_positions, object_positions))
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
@@ -1224,8 +1233,11 @@ class KAdapterForTokenClassification(_KAdapterHeadModel):
         inputs_embeds=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> TokenClassifierOutput | tuple:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
@@ -1249,8 +1261,11 @@ class KAdapterForQuestionAnswering(_KAdapterHeadModel):
         start_positions=None,
         end_positions=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> QuestionAnsweringModelOutput | tuple:
-        out = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        out = self._encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        )
         start_logits, end_logits = self.qa_outputs(out.last_hidden_state).unbind(dim=-1)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -1280,6 +1295,7 @@ class KAdapterForMultipleChoice(_KAdapterHeadModel):
         inputs_embeds=None,
         labels=None,
         return_dict=None,
+        cached_hidden_states=None,
     ) -> MultipleChoiceModelOutput | tuple:
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None or reference.dim() < (3 if input_ids is not None else 4):
@@ -1290,7 +1306,12 @@ class KAdapterForMultipleChoice(_KAdapterHeadModel):
             return None if x is None else x.reshape(-1, *x.shape[2:])
 
         out = self._encode(
-            flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids), flat(inputs_embeds)
+            flat(input_ids),
+            flat(attention_mask),
+            flat(token_type_ids),
+            flat(position_ids),
+            flat(inputs_embeds),
+            flat(cached_hidden_states),
         )
         logits = self.classifier(out.last_hidden_state[:, 0]).view(-1, num_choices)
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
