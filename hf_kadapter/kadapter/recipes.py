@@ -21,7 +21,7 @@ from .modeling_kadapter import KAdapterPreTrainedModel, load_base_model
 
 logger = logging.getLogger(__name__)
 
-REGIMES = ("paper", "adapters", "lora")
+REGIMES = ("paper", "adapters", "lora", "probe")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class KAdapterArguments:
         default="paper",
         metadata={
             "help": "Fine-tuning regime: 'paper' (base trained, adapters frozen), 'adapters' (base frozen, adapters "
-            "trained), 'lora' (LoRA on the base's attention, adapters frozen)."
+            "trained), 'lora' (LoRA on the base's attention, adapters frozen), 'probe' (base and adapters frozen: "
+            "only the fusion and the head train, which measures what the adapters know)."
         },
     )
     fusion: str = field(default="concat", metadata={"help": "How adapter outputs are combined: 'concat' or 'add'."})
@@ -183,13 +184,17 @@ def build_finetuning_model(
 
 def apply_regime(model: KAdapterPreTrainedModel, args: KAdapterArguments) -> None:
     """paper: base trained, adapters frozen (the paper and the official code); adapters: base frozen, adapters
-    trained; lora: LoRA on the base's attention, base weights and adapters frozen. Fusion and head always train."""
+    trained; lora: LoRA on the base's attention, base weights and adapters frozen; probe: base and adapters frozen.
+    Fusion and head always train."""
     if args.regime == "paper":
         model.unfreeze_base()
         model.freeze_adapter()
     elif args.regime == "adapters":
         model.freeze_base()
         model.unfreeze_adapter()
+    elif args.regime == "probe":
+        model.freeze_base()
+        model.freeze_adapter()
     else:
         model.freeze_base()
         model.freeze_adapter()
