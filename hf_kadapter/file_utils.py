@@ -31,10 +31,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved folder must be readable like any other
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
