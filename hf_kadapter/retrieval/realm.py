@@ -376,13 +376,31 @@ class RealmKnowledgeAugmentedMLM(nn.Module):
         picked = log_probs.gather(-1, flat_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         reader_log_probs = (picked * (flat_labels != -100)).sum(-1).view(batch, k)
         mll = realm_marginal_log_likelihood(retrieved.scores, reader_log_probs, retrieved.mask)
+        predicted = self._marginal_predictions(log_probs.view(batch, k, total, -1), retrieved, labels)
         return {
             "loss": -mll.mean(),
             "marginal_log_likelihood": mll,
             "retrieval_logits": retrieved.scores,
             "reader_log_probs": reader_log_probs,
+            "predicted_token_ids": predicted,
             "doc_ids": retrieved.doc_ids,
         }
+
+    @torch.no_grad()
+    def _marginal_predictions(self, log_probs: torch.Tensor, retrieved: Any, labels: torch.Tensor) -> torch.Tensor:
+        """[B, Lq] argmax over the vocabulary of p(token | x) = sum_z p(z | x) p(token | z, x) at each masked
+        position (-100 elsewhere): what the model predicts for the masked span, marginalised over documents."""
+        selected = labels != -100
+        predicted = torch.full_like(labels, -100)
+        if not bool(selected.any()):
+            return predicted
+        scores = retrieved.scores.float().masked_fill(~retrieved.mask, float("-inf"))
+        log_prior = torch.log_softmax(scores, dim=-1)  # [B, k]
+        rows, columns = selected.nonzero(as_tuple=True)
+        token = log_probs[rows, :, columns]  # [N, k, V]
+        marginal = torch.logsumexp(log_prior[rows][:, :, None] + token, dim=1)
+        predicted[rows, columns] = marginal.argmax(-1)
+        return predicted
 
 
 # ----------------------------------------------------------------------------------------------------------------
