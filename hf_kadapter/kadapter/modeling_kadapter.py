@@ -930,7 +930,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
             hint = (
                 f"\n{pretrained_model_name_or_path} was saved from {saved_as}: load it with {saved_as}.from_pretrained "
                 "to keep its task head."
-                if saved_as != cls.__name__
+                if saved_as != cls.__name__ and "UNEXPECTED" in report
                 else ""
             )
             logger.warning(report.replace("from: None", f"from: {pretrained_model_name_or_path}") + hint)
