@@ -288,6 +288,8 @@ def tag_model_card(
     path: str | os.PathLike, *, repo_id: str, tags: Iterable[str] | None, base_model: str | None
 ) -> None:
     """Before an upload: add the user's tags and the base's Hub id to the card, and name the repo in its snippet."""
+    if not os.path.isfile(path):
+        return  # a folder without a card (not one of this package's savers): nothing to tag
     card = ModelCard.load(path)
     if tags:
         card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
@@ -926,14 +928,21 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         with _held_load_reports() as reports:
             loaded = super().from_pretrained(None, *model_args, state_dict=state, **kwargs)
         saved_as = (config.architectures or [cls.__name__])[0]
+        saved_class = globals().get(saved_as)
         for report in reports:  # transformers names the checkpoint "None" here: name it, and say what was dropped
+            report = report.replace("from: None", f"from: {pretrained_model_name_or_path}")
+            only_dropped = "UNEXPECTED" in report and "MISSING" not in report and "MISMATCH" not in report
+            if only_dropped and isinstance(saved_class, type) and issubclass(saved_class, _KAdapterPretrainingMixin):
+                # A pretraining head only served to train its adapter: loading the adapters without it is the use.
+                logger.info("The pretraining head of %s is not loaded (its adapters are):\n%s", saved_as, report)
+                continue
             hint = (
                 f"\n{pretrained_model_name_or_path} was saved from {saved_as}: load it with {saved_as}.from_pretrained "
                 "to keep its task head."
                 if saved_as != cls.__name__ and "UNEXPECTED" in report
                 else ""
             )
-            logger.warning(report.replace("from: None", f"from: {pretrained_model_name_or_path}") + hint)
+            logger.warning(report + hint)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.config.name_or_path = str(pretrained_model_name_or_path)
         if reference.device.type != "meta" and kwargs.get("device_map") is None:

@@ -123,6 +123,8 @@ def tag_model_card(
     path: str | os.PathLike, *, repo_id: str, tags: Iterable[str] | None, base_model: str | None
 ) -> None:
     """Before an upload: add the user's tags and the base's Hub id to the card, and name the repo in its snippet."""
+    if not os.path.isfile(path):
+        return  # a folder without a card (not one of this package's savers): nothing to tag
     card = ModelCard.load(path)
     if tags:
         card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
