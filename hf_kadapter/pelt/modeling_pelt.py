@@ -179,7 +179,6 @@ class PELTPreTrainedModel(HubMixin, PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _supports_flash_attn = True
     # forward passes extra keywords on to the wrapped model; Trainer must still scale the loss for accumulation.
     accepts_loss_kwargs = False
     _hub_name = "This PELT model"
