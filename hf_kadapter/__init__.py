@@ -33,6 +33,28 @@ from .retrieval import RealmStyleRetriever  # noqa: E402  (registers the retriev
 
 __version__ = "0.1.0"
 
+# Converters from the original projects' checkpoints, imported on first use: importing them here would make
+# `python -m hf_kadapter.kadapter.convert_original` (their CLI) import the module twice.
+_CONVERTERS = {
+    "convert_kadapter_original": ".kadapter.convert_original",
+    "convert_realm_v4_embedder": ".retrieval.convert_realm_v4",
+    "convert_realm_v4_encoder": ".retrieval.convert_realm_v4",
+    "convert_realm_v4_reader": ".retrieval.convert_realm_v4",
+}
+
+
+def __getattr__(name: str):
+    if name in _CONVERTERS:
+        import importlib
+
+        return getattr(importlib.import_module(_CONVERTERS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_CONVERTERS])
+
+
 _AUTO_CLASSES = {
     AutoModel: KAdapterModel,
     AutoModelForSequenceClassification: KAdapterForSequenceClassification,
@@ -68,4 +90,8 @@ __all__ = [
     "KnowledgeAdapterConfig",
     "RealmStyleRetriever",
     "base_fingerprint",
+    "convert_kadapter_original",
+    "convert_realm_v4_embedder",
+    "convert_realm_v4_encoder",
+    "convert_realm_v4_reader",
 ]
