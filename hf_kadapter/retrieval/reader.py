@@ -57,6 +57,7 @@ class OpenQAReader(nn.Module):
         max_span_width: int = 10,
         use_retrieval_score: bool = True,
         detach_retrieval: bool = False,
+        span_layer_norm_eps: float | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -68,6 +69,10 @@ class OpenQAReader(nn.Module):
         self.start_projection = nn.Linear(hidden, span_hidden_size)
         self.end_projection = nn.Linear(hidden, span_hidden_size, bias=False)
         self.span_output = nn.Linear(span_hidden_size, 1)
+        # REALM's reader normalises the span hidden layer (LayerNorm, eps 1e-3) before the output; off by default.
+        self.span_norm = (
+            nn.LayerNorm(span_hidden_size, eps=span_layer_norm_eps) if span_layer_norm_eps is not None else None
+        )
 
     def span_scores(self, hidden: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
         """hidden [N, L, H], doc_mask [N, L] -> [N, L, W] scores of span (s, s + w); NEG_INF if invalid."""
@@ -79,7 +84,10 @@ class OpenQAReader(nn.Module):
         for w in range(min(self.max_span_width, length)):
             if w > 0:
                 running = running[:, :-1] & doc_mask[:, w:]
-            score = self.span_output(torch.relu(start[:, : length - w] + end[:, w:])).squeeze(-1)
+            span_hidden = torch.relu(start[:, : length - w] + end[:, w:])
+            if self.span_norm is not None:
+                span_hidden = self.span_norm(span_hidden)
+            score = self.span_output(span_hidden).squeeze(-1)
             ok = running[:, : length - w]
             scores[:, : length - w, w] = torch.where(ok, score, scores.new_tensor(NEG_INF))
         return scores
