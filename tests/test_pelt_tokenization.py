@@ -388,6 +388,17 @@ def test_truncation_pairs_every_cut_point(tokenizer, truncation):
     assert checked >= 5
 
 
+def test_truncation_cannot_borrow_the_closing_parenthesis_of_the_pair(roberta):
+    """Without special tokens the first sequence's last token touches the pair's first: a pair starting with " )"
+    must not complete a group whose own ")" was truncated away."""
+    pelt = PELTTokenizer(roberta, ENTITY_VOCAB)
+    call = dict(add_special_tokens=False, truncation="only_first", max_length=8)  # 5 tokens for the first text
+    enc = pelt("Barack Obama", " ) Paris", entities=[{"char_start": 0, "char_end": 12, "entity_id": "Q76"}], **call)
+    assert tokens(pelt, enc["input_ids"])[3] == "Ġ)" and enc.token_to_sequence(3) == 1  # the pair's ")"
+    assert enc["entity_positions"] == [] and enc.truncated_entities == 1
+    assert enc["input_ids"] == roberta("Barack Obama", " ) Paris", **call)["input_ids"]  # group dropped, text kept
+
+
 def test_truncated_batch_as_tensors(tokenizer):
     pelt = PELTTokenizer(tokenizer, ENTITY_VOCAB)
     enc = pelt([SENTENCE, PAIR], entities=[[OBAMA, HONOLULU], [PARIS, FRANCE]], truncation=True, max_length=9,

@@ -783,14 +783,14 @@ class PELTTokenizer:
         size = len(self._insert)
         to_slot, to_slot_end = len(_OPEN), len(_OPEN) + len(self.slot_token)
         open_id = self._open_id if self._open_id is not None else -1
-        close_ids = [self._close_id] if self._close_id is not None else [-1]
+        close_id = self._close_id if self._close_id is not None else -1
         for b, encoding in enumerate(encoded.encodings):
             if not any(side_groups[b].ends for side_groups in groups):
                 positions.append([])
                 rows.append([])
                 continue
-            ids = encoded["input_ids"][b]
-            token_to_chars, token_to_sequence = encoding.token_to_chars, encoding.token_to_sequence
+            ids, sequence_ids = encoded["input_ids"][b], encoding.sequence_ids
+            token_to_chars = encoding.token_to_chars
             # every slot-id token (slots and real masks alike) as (start character, token) per sequence
             candidates: list[list[tuple[int, int]]] = [[] for _ in groups]
             i = -1
@@ -799,7 +799,7 @@ class PELTTokenizer:
                     i = ids.index(slot_id, i + 1)
                 except ValueError:
                     break
-                side = token_to_sequence(i)
+                side = sequence_ids[i]
                 if side is not None and side < len(groups):
                     candidates[side].append((token_to_chars(i)[0], i))
             offsets: list[tuple[int, int]] | None = None  # all offsets: only when a group needs a close look
@@ -810,7 +810,7 @@ class PELTTokenizer:
                     continue
                 side_candidates, c = candidates[side], 0
                 keep = []
-                low = high = -1
+                low, high = _side_range(sequence_ids, side)  # the tokens of this sequence
                 for k, (end, row) in enumerate(zip(planned.ends, planned.rows, strict=True)):
                     start = end + k * size  # where the group sits in the rewritten text
                     slot_start = start + to_slot
@@ -820,7 +820,7 @@ class PELTTokenizer:
                     if c < len(side_candidates) and side_candidates[c][0] == slot_start:
                         i = side_candidates[c][1]
                         # "(" right before the slot; ")" right after (or after one more token: " " + ")")
-                        if ids[i - 1] == open_id and ids[i + 1 : i + 2] == close_ids:
+                        if low < i < high - 1 and ids[i - 1] == open_id and ids[i + 1] == close_id:
                             found.append((i, row))  # the tokens the probe gave: the group's "(" and ")"
                             keep.append(k)
                             continue
@@ -841,8 +841,6 @@ class PELTTokenizer:
                     # no clean match: truncation reached this group (or the tokenizer split it oddly)
                     if offsets is None:
                         offsets = encoded["offset_mapping"][b] if "offset_mapping" in encoded else encoding.offsets
-                    if low < 0:
-                        low, high = _side_range(encoding.sequence_ids, side)
                     first, last = _touching(offsets, low, high, start, start + size)
                     if first == last:
                         cut_away[b] += 1
