@@ -194,7 +194,7 @@ def test_linguistic_adapter_and_head_match_the_official_forward(roberta_base):
 
 def test_added_to_an_existing_model_beside_other_adapters(roberta_base):
     torch.manual_seed(0)
-    model = hk.KAdapterModel.from_base(roberta_base, adapters={"mine": tiny_adapter()})
+    model = hk.KAdapterModel.from_base(roberta_base, adapters={"mine": tiny_adapter()}).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = official_state_dict("linguistic", seed=2)
     same = convert_kadapter_original(
@@ -203,6 +203,12 @@ def test_added_to_an_existing_model_beside_other_adapters(roberta_base):
     assert same is model and list(model.config.adapters) == ["mine", "syntax"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing else changed
     assert not any(p.requires_grad for p in model.adapters["syntax"].parameters())
+    assert model.adapters["mine"].training and model.adapters["syntax"].training  # the caller's model keeps its mode
+    model.eval()
+    convert_kadapter_original(
+        state, model, adapter_name="again", kind="adapter", tap_layers=TAPS, num_attention_heads=HEADS
+    )
+    assert not model.adapters["again"].training  # a new adapter follows the model's mode (no dropout in eval)
     model.set_adapter(["syntax"])
     with torch.no_grad():
         out = model(input_ids=INPUT_IDS, attention_mask=MASK)

@@ -296,6 +296,7 @@ def convert_kadapter_original(
         _check_base(converted, model.config.base_config, str(model.config.base_model_name_or_path))
         module = model.add_adapter(name, converted.adapter_config)
         module.load_state_dict(converted.adapter_state, strict=True)
+        module.train(model.training)  # add_adapter leaves a new module in training mode, whatever the model's
     else:
         head_kwargs: dict[str, Any] = {}
         model_class: type[KAdapterPreTrainedModel] = KAdapterModel
@@ -321,9 +322,9 @@ def convert_kadapter_original(
                     f"checkpoint {sorted(converted.head_state)[:4]})."
                 )
             model.load_state_dict(converted.head_state, strict=False)
+        model.eval()  # a new model, for inference; a model passed in keeps its mode
     if freeze:
         model.freeze_adapter(name)
-    model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)
     return model
