@@ -1,4 +1,4 @@
-"""Atomic file writes and Hub uploads shared by the package's builders and tables.
+"""Atomic file writes shared by the package's builders and tables (Hub uploads: utils/hub.py).
 
 (hf_kadapter/kadapter/modeling_kadapter.py keeps its own small copies: it is shipped as remote code and may import
 nothing from this package.)
@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-from huggingface_hub import HfApi
 from safetensors.torch import save
+
+from .utils.hub import push_folder_to_hub  # the Hub helpers live in utils/hub.py (with the model cards)
 
 
 @contextmanager
@@ -31,10 +32,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved folder must be readable like any other
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
@@ -51,26 +59,6 @@ def save_tensors_atomic(
     payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_write(path, "wb") as stream:
         stream.write(payload)
-
-
-def push_folder_to_hub(
-    save: Callable[[str], None],
-    repo_id: str,
-    *,
-    commit_message: str,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-):
-    """Create the repo if needed, let `save` write the folder into a temporary directory, upload it."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as folder:
-        save(folder)
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
-        )
 
 
 __all__ = ["atomic_write", "push_folder_to_hub", "save_tensors_atomic", "write_json_atomic"]

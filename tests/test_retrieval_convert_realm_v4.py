@@ -26,6 +26,7 @@ from hf_kadapter.retrieval.convert_realm_v4 import (
     main,
 )
 from hf_kadapter.retrieval.modeling_retriever import RetrieverEmbedder
+from hf_kadapter.retrieval.reader import OpenQAReader
 
 CONFIG = {
     "model_type": "realm",
@@ -224,9 +225,10 @@ def test_encoder_matches_realm_knowledge_augmented_mlm(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["reader", "openqa"])
-def test_reader_span_scores_match_realm(layout):
+def test_reader_span_scores_match_realm(layout, tmp_path):
     state = realm_state(layout, seed=2)
-    reader = convert_realm_v4_reader(state, config=CONFIG)
+    reader = convert_realm_v4_reader(state, config=CONFIG, output_dir=tmp_path / "reader")
+    assert OpenQAReader.from_pretrained(tmp_path / "reader").config.span_layer_norm_eps == READER_EPS
     assert reader.max_span_width == 3 and reader.span_norm is not None
     doc_mask = TYPES.clone()
     doc_mask[:, -1] = 0  # REALM's block mask: the evidence tokens, never the last position
@@ -244,6 +246,13 @@ def test_reader_span_scores_match_realm(layout):
         assert ours[doc, start, end - start].item() == pytest.approx(logit, abs=1e-4), (doc, start, end)
     valid = ours > -1e8
     assert int(valid.sum()) == len(expected)  # no other span is scored
+    reloaded = OpenQAReader.from_pretrained(tmp_path / "reader").eval()  # the span LayerNorm survives save/load
+    with torch.no_grad():
+        again = reloaded(
+            input_ids=IDS[None], attention_mask=MASK[None], token_type_ids=TYPES[None], doc_mask=doc_mask[None],
+            retrieval_scores=relevance[None],
+        ).span_logits[0]  # fmt: skip
+    assert torch.equal(again, ours)
 
 
 def test_cli_from_checkpoint_folders_and_back(tmp_path, capsys):

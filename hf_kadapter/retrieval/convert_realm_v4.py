@@ -226,13 +226,7 @@ def convert_realm_v4_reader(
     _load_exactly(reader, tensors, "OpenQAReader")
     reader.eval()
     if output_dir is not None:
-        save = getattr(reader, "save_pretrained", None)
-        if save is None:
-            raise TypeError(
-                "This version of OpenQAReader has no save_pretrained: keep the returned reader (or save its "
-                "state_dict with safetensors) and drop output_dir."
-            )
-        save(output_dir)
+        reader.save_pretrained(output_dir)
     return reader
 
 

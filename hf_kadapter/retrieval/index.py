@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..file_utils import atomic_write, save_tensors_atomic, write_json_atomic
+from ..utils.hub import LIBRARY_NAME, HubMixin, model_card, resolve_folder, save_model_card, split_download_kwargs
 
 BACKENDS = ("exact", "faiss")
 FAISS_INDEXES = ("ivf", "hnsw")
@@ -101,7 +102,7 @@ def exact_topk(
     return torch.cat(all_scores), torch.cat(all_rows)
 
 
-class DocumentIndex:
+class DocumentIndex(HubMixin):
     """Document ids + embeddings with exact (torch) or approximate (faiss) inner-product search.
 
     Args:
@@ -453,20 +454,52 @@ class DocumentIndex:
             (folder / FAISS_NAME).unlink(missing_ok=True)
         if self.documents is not None and save_documents:
             self.documents.save_to_disk(str(folder / "documents"))
+        save_model_card(folder, self._model_card)
         # The config goes last: a folder with a config is a complete one.
         write_json_atomic(folder / CONFIG_NAME, self.config_dict())
+
+    _hub_name = "This DocumentIndex"
+
+    def _model_card(self) -> str:
+        search = (
+            "exact inner-product search (torch)" if self.backend == "exact" else f"faiss {self.faiss_index.upper()}"
+        )
+        return model_card(
+            title="Document index (REALM-style retrieval)",
+            library_name=LIBRARY_NAME,
+            base_model=None,
+            tags=["retrieval", "document-index", LIBRARY_NAME],
+            body=(
+                f"{len(self):,} documents embedded in {self.dim} dimensions, searched by {search}. Files: "
+                f"`{IDS_NAME}` (document ids), `{EMBEDDINGS_NAME}`"
+                + (f", `{FAISS_NAME}` (faiss's own format)" if self.backend == "faiss" else "")
+                + (", `documents/` (a datasets.Dataset)" if self.documents is not None else "")
+                + "; nothing is pickled."
+            ),
+            usage=(
+                "from hf_kadapter import DocumentIndex\n\n"
+                'index = DocumentIndex.from_pretrained("<this repo>")\n'
+                "scores, rows = index.search(query_embeddings, k=10)\n"
+                "doc_ids = index.ids_at(rows)"
+            ),
+        )
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, device: str | torch.device | None = None, **overrides: Any
     ) -> DocumentIndex:
-        """Load a folder written by `save_pretrained`; `overrides` change search settings (e.g. nprobe)."""
-        folder = Path(directory)
+        """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first).
+
+        `overrides` change search settings (e.g. nprobe); Hub options (revision, token, cache_dir,
+        local_files_only, force_download) are passed to the download.
+        """
+        download, overrides = split_download_kwargs(overrides)
+        folder = resolve_folder(directory, what="DocumentIndex", **download)
         if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not a saved DocumentIndex (no {CONFIG_NAME}).")
+            raise FileNotFoundError(f"{directory} is not a saved DocumentIndex (no {CONFIG_NAME}).")
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         if config.get("format_version", 1) > FORMAT_VERSION:
-            raise ValueError(f"{folder} was written by a newer hf_kadapter (format {config['format_version']}).")
+            raise ValueError(f"{directory} was written by a newer hf_kadapter (format {config['format_version']}).")
         ids = json.loads((folder / IDS_NAME).read_text(encoding="utf-8"))
         tensors = load_file(str(folder / EMBEDDINGS_NAME))
         settings = {

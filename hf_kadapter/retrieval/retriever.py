@@ -21,7 +21,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..file_utils import push_folder_to_hub, save_tensors_atomic, write_json_atomic
+from ..file_utils import save_tensors_atomic, write_json_atomic
+from ..utils.hub import (
+    LIBRARY_NAME,
+    HubMixin,
+    is_hub_id,
+    model_card,
+    resolve_folder,
+    save_model_card,
+    split_download_kwargs,
+)
 from .index import DocumentIndex
 
 __all__ = ["NULL_DOC_ID", "RealmStyleRetriever", "RetrievalOutput"]
@@ -77,7 +86,7 @@ def _weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class RealmStyleRetriever:
+class RealmStyleRetriever(HubMixin):
     """Args:
     embedder: a module with `embed_queries(input_ids, attention_mask, token_type_ids=None) -> [B, D]` and
         `embed_documents(...) -> [B, D]` (e.g. `RetrieverEmbedder`).
@@ -409,11 +418,16 @@ class RealmStyleRetriever:
     __call__ = retrieve
 
     # ----- persistence -------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """embedder/ (save_pretrained), tokenizer in embedder/, index/ (DocumentIndex), documents/ (save_to_disk)."""
+    _hub_name = "This RealmStyleRetriever"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, save_embedder: bool = True) -> None:
+        """embedder/ (save_pretrained, with the tokenizer), index/ (DocumentIndex), documents/ (save_to_disk) and a
+        model card. `save_embedder=False` leaves the embedder's weights out (a model that holds the embedder
+        itself, like RealmKnowledgeAugmentedMLM, saves them once); `from_pretrained` then needs `embedder=`."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        self.embedder.save_pretrained(str(folder / "embedder"))
+        if save_embedder:
+            self.embedder.save_pretrained(str(folder / "embedder"))
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(str(folder / "embedder"))
         if self.index is not None:
@@ -425,43 +439,75 @@ class RealmStyleRetriever:
 
                 documents = Dataset.from_list(list(documents))
             documents.save_to_disk(str(folder / "documents"))
+        save_model_card(folder, self._model_card)
         write_json_atomic(
             folder / RETRIEVER_CONFIG_NAME,
-            {"has_index": self.index is not None, "has_documents": self.documents is not None},
+            {
+                "has_index": self.index is not None,
+                "has_documents": self.documents is not None,
+                "has_embedder": save_embedder,
+            },
         )
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str = "Upload RealmStyleRetriever",
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ):
-        """save_pretrained into a temporary folder and upload it (creating the repo if needed)."""
-        return push_folder_to_hub(
-            self.save_pretrained,
-            repo_id,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
+    def _hub_base(self) -> str | None:
+        return getattr(getattr(self.embedder, "config", None), "encoder_name_or_path", None)
+
+    def _set_hub_base(self, name: str | None) -> None:
+        self.embedder.config.encoder_name_or_path = name
+
+    def _model_card(self) -> str:
+        size = "no index" if self.index is None else f"an index of {len(self.index):,} documents"
+        base = self._hub_base()
+        return model_card(
+            title="REALM-style retriever",
+            library_name=LIBRARY_NAME,
+            base_model=base if is_hub_id(base) else None,
+            tags=["retrieval", "realm", "dense-retrieval", LIBRARY_NAME],
+            body=(
+                f"A dense retriever: the embedder (`embedder/`, with its tokenizer), {size} (`index/`) and the "
+                "documents (`documents/`, a datasets.Dataset with id, title, text). `retrieve` re-embeds the "
+                "candidates with the current embedder, so scores stay fresh (and trainable) under a stale index."
+            ),
+            usage=(
+                "from hf_kadapter import RealmStyleRetriever\n\n"
+                'retriever = RealmStyleRetriever.from_pretrained("<this repo>")\n'
+                'found = retriever.retrieve(["a question"], k=5)\n'
+                "print(found.doc_ids, found.titles)"
+            ),
         )
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, embedder_class: Any = None, device: str | torch.device | None = None
+        cls,
+        directory: str | os.PathLike,
+        embedder_class: Any = None,
+        device: str | torch.device | None = None,
+        embedder: nn.Module | None = None,
+        **download_kwargs: Any,
     ) -> RealmStyleRetriever:
-        folder = Path(directory)
-        config = json.loads((folder / RETRIEVER_CONFIG_NAME).read_text(encoding="utf-8"))
-        if embedder_class is None:
-            from transformers import AutoModel
+        """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first).
 
-            embedder_class = AutoModel
-        embedder = embedder_class.from_pretrained(str(folder / "embedder"))
+        `embedder=` reuses an embedder instead of loading `embedder/` (needed when it was saved without it);
+        `embedder_class` defaults to AutoModel. Hub options (revision, token, ...) go to the download.
+        """
+        download, unknown = split_download_kwargs(download_kwargs)
+        if unknown:
+            raise TypeError(f"Unexpected arguments {sorted(unknown)}.")
+        folder = resolve_folder(directory, what="RealmStyleRetriever", **download)
+        if not (folder / RETRIEVER_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}).")
+        config = json.loads((folder / RETRIEVER_CONFIG_NAME).read_text(encoding="utf-8"))
+        if embedder is None:
+            if not config.get("has_embedder", True):
+                raise ValueError(
+                    f"{directory} was saved without the embedder's weights (save_embedder=False): pass the embedder "
+                    "it was saved with, from_pretrained(folder, embedder=...)."
+                )
+            if embedder_class is None:
+                from transformers import AutoModel
+
+                embedder_class = AutoModel
+            embedder = embedder_class.from_pretrained(str(folder / "embedder"))
         if device is not None:
             embedder = embedder.to(device)
         from transformers import AutoTokenizer
