@@ -5,10 +5,12 @@ Protocol (all on the same frozen encoder, the same typing data and the same fine
 1. Pretrain a factual adapter (`KAdapterForFactualPretraining`, base frozen, the feature cache skipping the base
    on every epoch) on the suite's relation facts; a CONTROL adapter of the same size is pretrained on the same
    sentences with the labels shuffled (same optimisation, no facts). Each seed pretrains its own pair.
-2. Downstream: entity typing in context (`KAdapterForEntityTyping`) on entities never seen by the typing training
-   split. Conditions: the base alone + head; the base + a fresh (untrained) adapter; the base + the pretrained
-   adapter; the base + the shuffled-label adapter. Base and adapters stay frozen and the fusion + head train (the
-   "probe" regime): what differs between conditions is only what the adapter knows.
+2. Downstream: entity typing (`KAdapterForEntityTyping`) on entities never seen by the typing training split, in
+   context (another definition that mentions the entity) and from the name alone ("@ Luzon @": nothing to read but
+   what the model knows of the entity). Conditions: the base alone + head; the base + a fresh (untrained) adapter;
+   the base + the pretrained adapter; the base + the shuffled-label adapter. Base and adapters stay frozen and the
+   fusion + head train (the "probe" regime): what differs between conditions is only what the adapter knows.
+   Optionally (`paper_regime_seeds`) also the paper's regime: the base fine-tuned with the adapters frozen.
 3. Gains are paired by seed against the strongest no-knowledge controls: pretrained − fresh and pretrained −
    shuffled; the control shuffled − fresh must sit at zero. Test results are also split by whether the entity
    appears in the pretraining facts (knowledge can only help where it was given).
@@ -16,6 +18,7 @@ Protocol (all on the same frozen encoder, the same typing data and the same fine
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import Callable
@@ -36,6 +39,7 @@ CONDITIONS = {
     "pretrained_adapter": "frozen base + the factual adapter pretrained on the facts (frozen)",
     "shuffled_adapter": "frozen base + an adapter pretrained on the same facts with shuffled labels (frozen)",
 }
+PAPER_CONDITIONS = ("fresh_adapter", "pretrained_adapter", "shuffled_adapter")
 FACT_LABELS = ("relation", "relation+type")
 
 
@@ -60,6 +64,9 @@ class KAdapterSettings:
     head_lr: float = 1e-3
     head_batch: int = 32
     feature_cache_dtype: str = "float32"
+    paper_regime_seeds: int = 0  # also fine-tune the base (adapters frozen) as the paper does, on this many seeds
+    paper_epochs: float = 2.0
+    paper_lr: float = 5e-5
 
 
 def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int = 0) -> list[dict[str, Any]]:
@@ -110,6 +117,8 @@ class _Data:
         typing = read_table("typing", suite_dir)
         typing_train = _subsample([r for r in typing if r["split"] == "train"], settings.typing_train_limit)
         typing_eval = _subsample([r for r in typing if r["split"] == settings.eval_split], settings.typing_test_limit)
+        # Typing from the name alone ("@ Luzon @"): one row per entity of the typing sets, no context to read.
+        names_train, names_eval = (_name_rows(rows) for rows in (typing_train, typing_eval))
         fine = suite_manifest(suite_dir)["fine_labels"]
         self.label_names = list(COARSE_TYPES) + [f for f in fine if f not in COARSE_TYPES]
 
@@ -118,6 +127,8 @@ class _Data:
             "fact_dev": load_factual(_write_jsonl(workdir / "facts_dev.jsonl", fact_dev)),
             "typing_train": load_entity_typing(_write_jsonl(workdir / "typing_train.jsonl", typing_train)),
             "typing_eval": load_entity_typing(_write_jsonl(workdir / "typing_eval.jsonl", typing_eval)),
+            "name_train": load_entity_typing(_write_jsonl(workdir / "name_train.jsonl", names_train)),
+            "name_eval": load_entity_typing(_write_jsonl(workdir / "name_eval.jsonl", names_eval)),
         }
         self.relation2id = build_label_vocab(loaded["fact_train"], loaded["fact_dev"], field="relation")
         self.type2id = {label: i for i, label in enumerate(self.label_names)}
@@ -133,24 +144,39 @@ class _Data:
         self.typing = {
             name: preprocess_entity_typing(loaded[name], tokenizer, self.type2id, max_length=settings.max_length,
                                            on_error="skip")
-            for name in ("typing_train", "typing_eval")
+            for name in ("typing_train", "typing_eval", "name_train", "name_eval")
         }  # fmt: skip
         fact_entities = {f["subj_label"] for f in fact_train} | {f["obj_label"] for f in fact_train}
-        by_id = {r["id"]: r for r in typing_eval}
-        kept = [by_id[i] for i in self.typing["typing_eval"]["id"]]
-        self.eval_entities = [r["entity_id"] for r in kept]
-        self.eval_in_facts = np.array([e in fact_entities for e in self.eval_entities])
-        self.gold_coarse = np.array([self.type2id[r["labels"][0]] for r in kept])
+        self.eval_entities, self.eval_in_facts, self.gold_coarse = {}, {}, {}
+        for task, rows in (("context", typing_eval), ("name", names_eval)):
+            by_id = {r["id"]: r for r in rows}
+            kept = [by_id[i] for i in self.typing[f"{'typing' if task == 'context' else 'name'}_eval"]["id"]]
+            self.eval_entities[task] = [r["entity_id"] for r in kept]
+            self.eval_in_facts[task] = np.array([e in fact_entities for e in self.eval_entities[task]])
+            self.gold_coarse[task] = np.array([self.type2id[r["labels"][0]] for r in kept])
         self.sizes = {
             "facts_train": len(self.facts["fact_train"]),
             "facts_dev": len(self.facts["fact_dev"]),
             "typing_train": len(self.typing["typing_train"]),
             f"typing_{settings.eval_split}": len(self.typing["typing_eval"]),
-            f"{settings.eval_split}_entities": len(set(self.eval_entities)),
-            f"{settings.eval_split}_examples_whose_entity_is_in_the_facts": int(self.eval_in_facts.sum()),
+            f"{settings.eval_split}_entities": len(set(self.eval_entities["context"])),
+            f"{settings.eval_split}_examples_whose_entity_is_in_the_facts": int(self.eval_in_facts["context"].sum()),
+            "name_train": len(self.typing["name_train"]),
+            f"name_{settings.eval_split}": len(self.typing["name_eval"]),
             "relation_labels": len(self.relation2id),
             "type_labels": len(self.type2id),
         }
+
+
+def _name_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One name-only typing record per entity of `rows`: the mention itself as the whole text."""
+    seen: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["entity_id"] not in seen:
+            mention = row["sent"][row["start"] : row["end"]]
+            seen[row["entity_id"]] = {"id": row["entity_id"], "entity_id": row["entity_id"], "sent": mention,
+                                      "start": 0, "end": len(mention), "labels": row["labels"]}  # fmt: skip
+    return list(seen.values())
 
 
 def _adapter_spec(settings: KAdapterSettings, num_hidden_layers: int):
@@ -270,10 +296,11 @@ def run_kadapter(
     result.data.update(data.sizes, encoder=settings.encoder, taps=spec.tap_layers, fact_label=settings.fact_label)
     progress(f"  data: {data.sizes}")
 
-    def typing_model(seed: int) -> Any:
+    def typing_model(seed: int, own_base: bool = False) -> Any:
+        """The typing head on the shared frozen base, or on a private copy of it when the base will train."""
         seed_everything(seed)
         return KAdapterForEntityTyping.from_base(
-            base,
+            copy.deepcopy(base) if own_base else base,
             adapters={},
             num_labels=len(data.type2id),
             id2label={i: n for n, i in data.type2id.items()},
@@ -334,57 +361,76 @@ def run_kadapter(
             result.runs("fact_dev_accuracy", f"{kind}_adapter").add(seed, score=[outcome["dev_accuracy"]])
             progress(f"  pretrain {kind} adapter, seed {seed}: fact dev accuracy {outcome['dev_accuracy']:.3f}")
 
-    # ----- 2. downstream typing, per condition and seed ---------------------------------------------------------
+    # ----- 2. downstream typing, per task, condition and seed --------------------------------------------------
     coarse_ids = np.array([data.type2id[t] for t in COARSE_TYPES])
-    gold = np.array(data.typing["typing_eval"]["labels"]) > 0.5
-    splits = {"train": "typing_train", "eval": "typing_eval"}
-    for seed in settings.seeds:
-        for condition in CONDITIONS:
+    tasks = {"context": ("typing_train", "typing_eval"), "name": ("name_train", "name_eval")}
+    runs = [(task, "probe", condition, seed) for task in tasks for seed in settings.seeds for condition in CONDITIONS]
+    runs += [("context", "paper", condition, seed) for seed in settings.seeds[: settings.paper_regime_seeds]
+             for condition in PAPER_CONDITIONS]  # fmt: skip
+    for task, regime, condition, seed in runs:
+        train_name, eval_name = tasks[task]
 
-            def downstream(condition: str = condition, seed: int = seed) -> dict[str, Any]:
-                model = typing_model(seed)
-                if condition == "fresh_adapter":
-                    model.add_adapter("factual", spec)
-                elif condition in ("pretrained_adapter", "shuffled_adapter"):
-                    kind = condition.split("_")[0]
-                    model.load_adapter(adapters[(kind, seed)], name="factual")
-                model.freeze_base()
-                model.freeze_adapter()  # the "probe" regime: only the fusion and the head train
-                features = {
-                    split: marker_features(model, caches[name], data.typing[name], typing_collator)
-                    for split, name in splits.items()
-                }
-                labels = torch.tensor(data.typing["typing_train"]["labels"])
-                curve = train_probe(model, features["train"], labels, output_dir=workdir / "trainer", seed=seed,
-                                    epochs=settings.head_epochs, learning_rate=settings.head_lr,
-                                    batch_size=settings.head_batch)  # fmt: skip
-                logits = probe_logits(model, features["eval"])
-                return {"curve": curve, "logits": logits.numpy().round(4).tolist()}
+        def downstream(task=task, regime=regime, condition=condition, seed=seed, train_name=train_name,
+                       eval_name=eval_name) -> dict[str, Any]:  # fmt: skip
+            model = typing_model(seed, own_base=regime == "paper")
+            if condition == "fresh_adapter":
+                model.add_adapter("factual", spec)
+            elif condition in ("pretrained_adapter", "shuffled_adapter"):
+                model.load_adapter(adapters[(condition.split("_")[0], seed)], name="factual")
+            if regime == "paper":  # the paper's fine-tuning: base trained, adapters frozen, full forward
+                model.unfreeze_base()
+                model.freeze_adapter()
+                curve = train_small(model, data.typing[train_name], typing_collator, output_dir=workdir / "trainer",
+                                    seed=seed, epochs=settings.paper_epochs, learning_rate=settings.paper_lr,
+                                    batch_size=settings.head_batch, warmup_ratio=0.06)  # fmt: skip
+                logits = predict_batches(model, data.typing[eval_name], typing_collator, 64, lambda out: out.logits)
+                return {"curve": curve, "logits": logits.round(4).tolist()}
+            model.freeze_base()
+            model.freeze_adapter()  # the "probe" regime: only the fusion and the head train
+            features = {
+                split: marker_features(model, caches[name], data.typing[name], typing_collator)
+                for split, name in (("train", train_name), ("eval", eval_name))
+            }
+            labels = torch.tensor(data.typing[train_name]["labels"])
+            curve = train_probe(model, features["train"], labels, output_dir=workdir / "trainer", seed=seed,
+                                epochs=settings.head_epochs, learning_rate=settings.head_lr,
+                                batch_size=settings.head_batch)  # fmt: skip
+            return {"curve": curve, "logits": probe_logits(model, features["eval"]).numpy().round(4).tolist()}
 
-            with result.phase("downstream typing"):
-                outcome = units.get_or_run(f"typing/{condition}/seed{seed}", downstream)
-            logits = np.array(outcome["logits"])
-            predicted_coarse = coarse_ids[logits[:, coarse_ids].argmax(-1)]
-            correct = (predicted_coarse == data.gold_coarse).astype(float)
-            predicted = logits > 0
-            tp = (predicted & gold).sum(-1)
-            fp = (predicted & ~gold).sum(-1)
-            fn = (~predicted & gold).sum(-1)
-            result.runs("coarse_accuracy", condition).add(seed, score=correct)
-            result.runs("type_micro_f1", condition, reducer="micro_f1").add(seed, tp=tp, fp=fp, fn=fn)
-            for subset, rows in (("in_facts", data.eval_in_facts), ("not_in_facts", ~data.eval_in_facts)):
-                result.runs(f"coarse_accuracy[{subset}]", condition).add(seed, score=correct[rows])
-            result.curves.setdefault("typing_loss", {}).setdefault(condition, {})[str(seed)] = outcome["curve"]
-            progress(f"  typing {condition}, seed {seed}: coarse accuracy {correct.mean():.3f}")
+        phase = "downstream typing" if regime == "probe" else "downstream typing (paper regime)"
+        with result.phase(phase):
+            outcome = units.get_or_run(f"typing/{task}/{regime}/{condition}/seed{seed}", downstream)
+        name = condition if regime == "probe" else f"{condition}[paper]"
+        prefix = "" if task == "context" else "name_"
+        logits = np.array(outcome["logits"])
+        gold = np.array(data.typing[eval_name]["labels"]) > 0.5
+        correct = (coarse_ids[logits[:, coarse_ids].argmax(-1)] == data.gold_coarse[task]).astype(float)
+        predicted = logits > 0
+        result.runs(f"{prefix}coarse_accuracy", name).add(seed, score=correct)
+        result.runs(f"{prefix}type_micro_f1", name, reducer="micro_f1").add(
+            seed, tp=(predicted & gold).sum(-1), fp=(predicted & ~gold).sum(-1), fn=(~predicted & gold).sum(-1)
+        )
+        in_facts = data.eval_in_facts[task]
+        for subset, rows in (("in_facts", in_facts), ("not_in_facts", ~in_facts)):
+            result.runs(f"{prefix}coarse_accuracy[{subset}]", name).add(seed, score=correct[rows])
+        if task == "context":
+            result.curves.setdefault(f"typing_loss{'' if regime == 'probe' else '_paper'}", {}).setdefault(
+                condition, {}
+            )[str(seed)] = outcome["curve"]
+        progress(f"  typing ({task}, {regime}) {condition}, seed {seed}: coarse accuracy {correct.mean():.3f}")
 
     result.metric_notes = {
-        "coarse_accuracy": f"coarse type ({', '.join(COARSE_TYPES)}) correct, {settings.eval_split} split",
-        "type_micro_f1": "micro F1 over coarse + fine types (multi-label, logit > 0)",
-        "coarse_accuracy[in_facts]": "coarse accuracy on examples whose entity appears in the pretraining facts",
-        "coarse_accuracy[not_in_facts]": "coarse accuracy on examples whose entity is absent from the facts",
+        "coarse_accuracy": f"typing in context: coarse type ({', '.join(COARSE_TYPES)}) correct, {settings.eval_split} "
+        "split",
+        "type_micro_f1": "typing in context: micro F1 over coarse + fine types (multi-label, logit > 0)",
+        "coarse_accuracy[in_facts]": "typing in context, examples whose entity appears in the pretraining facts",
+        "coarse_accuracy[not_in_facts]": "typing in context, examples whose entity is absent from the facts",
+        "name_coarse_accuracy": "typing from the name alone ('@ name @'): only what the model knows of the entity",
+        "name_type_micro_f1": "typing from the name alone: micro F1 over coarse + fine types",
         "fact_dev_accuracy": "pretraining task accuracy on held-out fact sentences",
     }
-    for metric in ("coarse_accuracy", "type_micro_f1", "coarse_accuracy[in_facts]", "coarse_accuracy[not_in_facts]"):
+    for metric in ("coarse_accuracy", "type_micro_f1", "coarse_accuracy[in_facts]", "name_coarse_accuracy",
+                   "name_coarse_accuracy[in_facts]", "name_type_micro_f1"):  # fmt: skip
         result.gains += [
             GainSpec(f"pretrained − fresh adapter ({metric})", "pretrained_adapter", "fresh_adapter", metric),
             GainSpec(f"pretrained − shuffled adapter ({metric})", "pretrained_adapter", "shuffled_adapter", metric),
@@ -392,8 +438,14 @@ def run_kadapter(
     result.gains += [
         GainSpec("shuffled − fresh adapter (control)", "shuffled_adapter", "fresh_adapter", "coarse_accuracy",
                  kind="control"),
+        GainSpec("shuffled − fresh adapter (control, name)", "shuffled_adapter", "fresh_adapter",
+                 "name_coarse_accuracy", kind="control"),
         GainSpec("fresh adapter − head only (adapter capacity)", "fresh_adapter", "head_only", "coarse_accuracy",
                  kind="info"),
+        GainSpec("pretrained − fresh adapter, paper regime", "pretrained_adapter[paper]", "fresh_adapter[paper]",
+                 "coarse_accuracy"),
+        GainSpec("pretrained − shuffled adapter, paper regime", "pretrained_adapter[paper]",
+                 "shuffled_adapter[paper]", "coarse_accuracy"),
     ]  # fmt: skip
     return result
 

@@ -18,6 +18,7 @@ Protocol:
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,13 +204,22 @@ def run_realm(
     questions_collate = _pad(tokenizer)
     strip = [{k: v for k, v in r.items() if k in ("input_ids", "attention_mask", "labels")} for r in train_rows]
 
+    initial_indexes: dict[int, Any] = {}
+
     def fresh_retriever(seed: int) -> Any:
+        """The untrained retriever of a seed (projection initialised from the seed); its index is built once per seed
+        and copied, so every condition of a seed starts from the same index."""
         seed_everything(seed)
         embedder = RetrieverEmbedder.from_encoder(
             settings.encoder, projection_dim=settings.projection_dim, pooling=settings.pooling
         )
         retriever = RealmStyleRetriever(embedder, tokenizer)
-        retriever.build_index(corpus, batch_size=128, max_length=settings.doc_max_length, progress=False)
+        if seed not in initial_indexes:
+            initial_indexes[seed] = retriever.build_index(
+                corpus, batch_size=128, max_length=settings.doc_max_length, progress=False
+            )
+        retriever.index = copy.deepcopy(initial_indexes[seed])
+        retriever.documents = retriever.index.documents if retriever.index.documents is not None else corpus
         return retriever
 
     def evaluate_retrieval(retriever: Any) -> dict[str, Any]:
@@ -310,7 +320,7 @@ def run_realm(
                     if closed_book:
                         return [[""] for _ in batch], None
                     with torch.no_grad():
-                        found = retriever.retrieve([q["question"] for q in batch], k=settings.reader_k,
+                        found = retriever.retrieve([q["question"] for q in batch], k=settings.reader_k, rescore=False,
                                                    doc_max_length=settings.doc_max_length)  # fmt: skip
                     return found.texts, found.scores.detach()
 
