@@ -249,7 +249,7 @@ def test_push_to_hub(tmp_path, retriever, monkeypatch):
             uploaded["files"] = sorted(p.relative_to(folder_path).parts[0] for p in Path(folder_path).iterdir())
             uploaded["repo_id"] = repo_id
 
-    monkeypatch.setattr("hf_kadapter.file_utils.HfApi", FakeApi)
+    monkeypatch.setattr("hf_kadapter.utils.hub.HfApi", FakeApi)
     retriever.push_to_hub("me/realm-retriever")
     assert uploaded["repo_id"] == "me/realm-retriever"
     assert uploaded["files"] == ["documents", "embedder", "index", "retriever_config.json"]

@@ -15,10 +15,10 @@ the text is tokenized again, until every group is either whole or entirely cut a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, BatchEncoding
 from transformers.utils import TensorType, cached_file
+
+from ..utils.io import FolderCommit, read_json, reading_folder
 
 __all__ = ["AliasLinker", "PELTEncoding", "PELTTokenizer", "PELT_TOKENIZER_CONFIG_NAME"]
 
@@ -528,24 +530,17 @@ class PELTTokenizer:
     # -- persistence --
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
         """Save the wrapped tokenizer plus pelt_tokenizer_config.json (slot token; the ids of a plain-list entity
-        vocabulary — a table is saved on its own with its save_pretrained). Written atomically."""
+        vocabulary — a table is saved on its own with its save_pretrained), as one folder commit."""
         directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        files = tuple(str(f) for f in self.tokenizer.save_pretrained(str(directory), **kwargs))
-        config: dict[str, Any] = {"format_version": _FORMAT_VERSION, "slot_token": self.slot_token}
-        if self._rows is not None:
-            config["entity_vocab"] = self._rows
-        path = directory / PELT_TOKENIZER_CONFIG_NAME
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=PELT_TOKENIZER_CONFIG_NAME, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(config, stream, indent=2, ensure_ascii=False)
-                stream.write("\n")
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return (*files, str(path))
+        with FolderCommit(directory) as staging:
+            written = self.tokenizer.save_pretrained(str(staging), **kwargs)
+            config: dict[str, Any] = {"format_version": _FORMAT_VERSION, "slot_token": self.slot_token}
+            if self._rows is not None:
+                config["entity_vocab"] = self._rows
+            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+            (staging / PELT_TOKENIZER_CONFIG_NAME).write_text(text, encoding="utf-8")
+        files = tuple(str(directory / Path(f).relative_to(staging)) for f in written)
+        return (*files, str(directory / PELT_TOKENIZER_CONFIG_NAME))
 
     @classmethod
     def from_pretrained(
@@ -558,6 +553,12 @@ class PELTTokenizer:
         """Load the wrapped tokenizer with AutoTokenizer (keyword arguments pass through) and the slot token from
         pelt_tokenizer_config.json when present (else the mask token); a saved plain-list vocabulary is used
         unless `entity_vocab` is given."""
+        local = os.path.isdir(pretrained_model_name_or_path)
+        with reading_folder(pretrained_model_name_or_path) if local else contextlib.nullcontext():
+            return cls._from_pretrained(pretrained_model_name_or_path, entity_vocab, linker, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, entity_vocab, linker, **kwargs: Any) -> PELTTokenizer:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         download = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
         resolved = cached_file(
@@ -569,7 +570,7 @@ class PELTTokenizer:
         )
         config: dict[str, Any] = {}
         if resolved is not None:
-            config = json.loads(Path(resolved).read_text(encoding="utf-8"))
+            config = read_json(resolved)
             if config.get("format_version", 1) > _FORMAT_VERSION:
                 raise ValueError(
                     f"{resolved}: format_version {config['format_version']} is newer than this hf_kadapter "

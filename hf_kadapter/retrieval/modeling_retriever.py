@@ -1,6 +1,6 @@
 """REALM-style retriever embedder: a BERT-like encoder, [CLS]/mean pooling and a linear projection.
 
-Imports only transformers (and its sibling configuration file), so it can be shipped as remote code.
+Saved folders are written as one folder commit (hf_kadapter.utils.io), like every artefact of the package.
 
 `RetrieverEmbedder.embed_queries` / `embed_documents` give `[B, D]` embeddings whose inner product is the
 retrieval score f(x, z) of REALM. Documents are tokenised by the caller as `title [SEP] text` (a text pair).
@@ -10,10 +10,12 @@ their own copies (REALM's Embed_input and Embed_doc).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +24,10 @@ from torch.nn import init
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..file_utils import push_folder_to_hub
 from ..kadapter.modeling_kadapter import _bare_encoder
 from ..kadapter.modeling_kadapter import _base_init_kwargs as _encoder_init_kwargs
+from ..utils.hub import push_folder_to_hub
+from ..utils.io import FolderCommit, reading_folder
 from .configuration_retriever import RetrieverEmbedderConfig
 
 
@@ -81,6 +84,25 @@ class RetrieverEmbedderPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     accepts_loss_kwargs = False
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """transformers' save_pretrained, committed as a whole (a kill never leaves new weights beside an old config);
+        other files in the folder are kept."""
+        if not kwargs.get("is_main_process", True):
+            return
+        push = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None)
+        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+        if push:
+            self.push_to_hub(repo_id or Path(save_directory).name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished."""
+        local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
+        with reading_folder(pretrained_model_name_or_path) if local else contextlib.nullcontext():
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
