@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils.fingerprint import base_fingerprint
+from ..utils.fingerprint import base_tensors, native_fingerprint
 from ..utils.io import DamagedFileError, FolderCommit, build_lock, read_json, reading_folder, write_json_atomic
 from .modeling_kadapter import KAdapterModel
 
@@ -182,7 +182,8 @@ def _cache_key(fingerprint: str, indices: Sequence[int], dtype: str, base_dtype:
 def _model_identity(model: nn.Module) -> dict[str, Any]:
     """What the key says about the model: base fingerprint, tapped indices and the base's compute dtype."""
     core = _core(model)
-    fingerprint = base_fingerprint(core.pretrained_model)
+    # The base's own dtype only (one pass): the cached states change with the dtype, so the key must too.
+    fingerprint = native_fingerprint(base_tensors(core.pretrained_model))
     if fingerprint is None:
         raise ValueError("The base model's weights are not loaded (meta device): load them before caching features.")
     return {

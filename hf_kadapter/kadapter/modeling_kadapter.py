@@ -20,7 +20,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -124,21 +123,27 @@ def _fsync_dir(folder: str | os.PathLike) -> None:
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Write through a temporary file in the same folder, then os.replace: a reader (or a build resumed after a
-    crash) sees the old file or the new one, never half of one."""
+    crash) sees the old file or the new one, never half of one. The temporary file is locked while it lives, so
+    recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
     try:
-        with os.fdopen(handle, mode, encoding=None if "b" in mode else encoding) as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield stream
+        stream.flush()
+        os.fsync(stream.fileno())
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    finally:
+        stream.close()
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -296,21 +301,29 @@ def _apply_record(folder: Path, record_path: Path) -> None:
     _fsync_dir(folder)
 
 
+def _temporaries(folder: Path) -> list[Path]:
+    """atomic_write's temporary files in `folder` and its direct subfolders (a build's partial/ for instance)."""
+    return sorted(p for pattern in (".*.tmp", "*/.*.tmp") for p in folder.glob(pattern) if p.is_file())
+
+
 def _clean_stagings(folder: Path) -> None:
-    """Delete staging folders whose writer is gone (it was killed before writing its record)."""
-    for staging in _stagings(folder):
+    """Delete staging folders and temporary files whose writer is gone (killed before its commit or rename)."""
+    for leftover in _stagings(folder) + _temporaries(folder):
         try:
-            with _flock(staging, exclusive=True, blocking=False) as held:
-                if held:
-                    shutil.rmtree(staging, ignore_errors=True)
+            with _flock(leftover, exclusive=True, blocking=False) as held:
+                if held and leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif held:
+                    leftover.unlink(missing_ok=True)
         except BlockingIOError:
             continue  # a live writer is still filling it
 
 
 def recover_folder(folder: str | os.PathLike) -> None:
-    """Finish a save that was interrupted in `folder`: roll a pending record forward, drop dead staging folders."""
+    """Finish a save that was interrupted in `folder`: roll a pending record forward, drop the staging folders and
+    temporary files of dead writers."""
     folder = Path(folder)
-    if not folder.is_dir() or not (_records(folder) or _stagings(folder)):
+    if not folder.is_dir() or not (_records(folder) or _stagings(folder) or _temporaries(folder)):
         return
     if not os.access(folder, os.W_OK):
         if _records(folder):
@@ -455,13 +468,13 @@ def _segment_digests(flat: torch.Tensor, views: tuple[str, ...]) -> dict[str, by
 
 def _digests(named: list[tuple[str, torch.Tensor]], views: tuple[str, ...]) -> dict[str, str]:
     """Per view: xxh3-128 over (name, shape, kind, segment digests) of every tensor, in name order."""
-    tasks = []
-    for name, tensor in named:
+    # One thread: xxhash holds the GIL (threads would not hash faster), torch's own threads convert, and a thread
+    # pool would break in forked processes (torch's OpenMP pool is invalid in a fork's new threads).
+    segments = []
+    for _, tensor in named:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        tasks += [(name, flat[start : start + _SEGMENT]) for start in range(0, max(flat.numel(), 1), _SEGMENT)]
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        segments = list(pool.map(lambda task: _segment_digests(task[1], views), tasks))
+        for start in range(0, max(flat.numel(), 1), _SEGMENT):
+            segments.append(_segment_digests(flat[start : start + _SEGMENT], views))
     totals = {view: xxhash.xxh3_128() for view in views}
     position = 0
     for name, tensor in named:

@@ -210,7 +210,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+def checkpoint_problem(folder: str | os.PathLike, require_optimizer: bool = False) -> str | None:
     """Why a Trainer checkpoint folder cannot be resumed from (None when it is complete).
 
     Trainer writes the model, then optimizer/scheduler/scaler/RNG states, then trainer_state.json, each in place; a
@@ -218,6 +218,8 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     checkpoint is complete when trainer_state.json parses, the model weights are there and whole (safetensors
     headers agree with file sizes; an interrupted K-Adapter save is finished first), and every torch file
     (optimizer.pt, scheduler.pt, rng_state*.pth ...) is a whole zip archive. Nothing is unpickled.
+    `require_optimizer` (a run that saves optimizer states, i.e. not save_only_model) also needs optimizer.pt and the
+    RNG states, without which the resumed run would not be the uninterrupted one.
     """
     folder = Path(folder)
     try:
@@ -245,13 +247,18 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         problem = safetensors_problem(path)
         if problem is not None:
             return f"{path.name}: {problem}"
+    if require_optimizer:
+        if not (folder / "optimizer.pt").is_file():
+            return "no optimizer.pt"
+        if not any(folder.glob("rng_state*.pth")):
+            return "no rng_state*.pth"
     for path in [*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]:
         if not zipfile.is_zipfile(path):
             return f"{path.name} is not a whole torch archive (cut short?)"
     return None
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: bool = False) -> str | None:
     """The newest checkpoint-N folder in `output_dir` that is complete (see checkpoint_problem); incomplete newer
     ones (a kill during a checkpoint save) are skipped, each named in the log with the reason."""
     if not os.path.isdir(output_dir):
@@ -262,10 +269,10 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         if match and entry.is_dir():
             found.append((int(match.group(1)), entry.path))
     for _, path in sorted(found, reverse=True):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, require_optimizer)
         if problem is None:
             return path
-        logger.warning("Skipping incomplete checkpoint %s: %s.", path, problem)
+        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
     return None
 
 
@@ -279,14 +286,18 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is not None:
-            problem = checkpoint_problem(checkpoint) if os.path.isdir(checkpoint) else "it is not a folder"
+            problem = (
+                checkpoint_problem(checkpoint, not training_args.save_only_model)
+                if os.path.isdir(checkpoint)
+                else "it is not a folder"
+            )
             if problem is not None:
                 raise ValueError(
                     f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {problem}. Pick another "
                     "checkpoint, or leave the option out to resume from the last complete one in output_dir."
                 )
         else:
-            checkpoint = last_complete_checkpoint(training_args.output_dir)
+            checkpoint = last_complete_checkpoint(training_args.output_dir, not training_args.save_only_model)
         if checkpoint is not None:
             logger.info("Resuming from %s.", checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import cached_file
@@ -35,7 +34,7 @@ from ..utils.fingerprint import (
     tensors_match_fingerprint,
 )
 from ..utils.hub import push_folder_to_hub
-from ..utils.io import FolderCommit, load_safetensors, read_json, reading_folder
+from ..utils.io import FolderCommit, load_safetensors, read_json, reading_folder, safetensors_bytes
 from .lm_head import _is_kadapter, _unwrap, lm_head_tensors
 
 logger = logging.getLogger(__name__)
@@ -375,11 +374,9 @@ class EntityLookupTable:
         """Write the table's files into `folder` directly (a commit's staging folder); the card is written unless
         `final_directory` holds a README.md by someone else."""
         folder = Path(folder)
-        save_file(
-            {"sums": self.sums.contiguous(), "counts": self.counts.contiguous()},
-            str(folder / TENSORS_NAME),
-            metadata={"format": "pt", "format_version": str(FORMAT_VERSION)},
-        )
+        tensors = {"sums": self.sums.contiguous(), "counts": self.counts.contiguous()}
+        metadata = {"format": "pt", "format_version": str(FORMAT_VERSION)}
+        (folder / TENSORS_NAME).write_bytes(safetensors_bytes(tensors, metadata))
         vocab = {
             "format_version": FORMAT_VERSION,
             "entity_ids": self.entity_ids,

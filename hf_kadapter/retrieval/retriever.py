@@ -23,7 +23,7 @@ import xxhash
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils.fingerprint import fingerprint_tensors
+from ..utils.fingerprint import native_fingerprint
 from ..utils.hub import push_folder_to_hub
 from ..utils.io import (
     FolderCommit,
@@ -310,7 +310,8 @@ class RealmStyleRetriever:
     def _build_index(
         self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
     ) -> DocumentIndex:
-        embedder_fingerprint = fingerprint_tensors((self.embedder if embedder is None else embedder).state_dict().items())
+        # Every weight, in its own dtype: chunks embedded by another snapshot (or dtype) are never reused.
+        embedder_fingerprint = native_fingerprint((self.embedder if embedder is None else embedder).state_dict().items())
         total = len(dataset)
         batches = [list(range(s, min(s + batch_size, total))) for s in range(0, total, batch_size)]
         state = {}

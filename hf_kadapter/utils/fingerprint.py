@@ -17,17 +17,16 @@ fp32 compares the float32 views, fp32 vs fp16 the float16 views, and so on. A fl
 against a bfloat16 one (neither view can be computed from the other side): `FingerprintDtypeError` names the fix.
 
 Stored form, a short string: `fp2:<native dtype>:<view>=<32 hex>,...`. Digests are xxh3-128 (a fast
-non-cryptographic hash: this is an identity check, not a security boundary) over fixed-size segments, hashed in a
-thread pool, then over (name, shape, segment digests) in name order. Fingerprints written by hf_kadapter < 0.2
+non-cryptographic hash: this is an identity check, not a security boundary) over fixed-size segments, then over
+(name, shape, segment digests) in name order; views are converted block by block through reused buffers, so the
+cost is about one pass over the weights at memory speed (benchmarks/bench_fingerprint.py). Fingerprints written by hf_kadapter < 0.2
 ("sha256:..." over the first and last 512 values of each tensor) cannot be verified: `compare_fingerprints` returns
 None for them and the callers warn and skip the check (saving again records a new fingerprint).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -87,13 +86,13 @@ def _segment_digests(flat: torch.Tensor, views: tuple[str, ...]) -> dict[str, by
 
 def _digests(named: list[tuple[str, torch.Tensor]], views: tuple[str, ...]) -> dict[str, str]:
     """Per view: xxh3-128 over (name, shape, kind, segment digests) of every tensor, in name order."""
-    tasks = []
-    for name, tensor in named:
+    # One thread: xxhash holds the GIL (threads would not hash faster), torch's own threads convert, and a thread
+    # pool would break in forked processes (torch's OpenMP pool is invalid in a fork's new threads).
+    segments = []
+    for _, tensor in named:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        tasks += [(name, flat[start : start + _SEGMENT]) for start in range(0, max(flat.numel(), 1), _SEGMENT)]
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        segments = list(pool.map(lambda task: _segment_digests(task[1], views), tasks))
+        for start in range(0, max(flat.numel(), 1), _SEGMENT):
+            segments.append(_segment_digests(flat[start : start + _SEGMENT], views))
     totals = {view: xxhash.xxh3_128() for view in views}
     position = 0
     for name, tensor in named:
@@ -117,6 +116,14 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], views: Sequen
     wanted = available if views is None else tuple(v for v in available if v in views)
     digests = _digests(named, wanted)
     return f"{FINGERPRINT_VERSION}:{native}:" + ",".join(f"{view}={digests[view]}" for view in wanted)
+
+
+def native_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The fingerprint in the tensors' own dtype only (one hashing pass): an exact identity, dtype included, for keys
+    that must change with the dtype anyway (a feature cache, a resumed index build)."""
+    named = list(named)
+    _, available = _native_and_views({t.dtype for _, t in named if t.is_floating_point()})
+    return fingerprint_tensors(named, views=(available[0],))
 
 
 def _is_lora_key(key: str) -> bool:
@@ -200,6 +207,7 @@ __all__ = [
     "compare_fingerprints",
     "comparison_view",
     "fingerprint_tensors",
+    "native_fingerprint",
     "parse_fingerprint",
     "tensors_match_fingerprint",
 ]

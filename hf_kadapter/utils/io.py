@@ -101,21 +101,27 @@ def _fsync_dir(folder: str | os.PathLike) -> None:
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Write through a temporary file in the same folder, then os.replace: a reader (or a build resumed after a
-    crash) sees the old file or the new one, never half of one."""
+    crash) sees the old file or the new one, never half of one. The temporary file is locked while it lives, so
+    recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
     try:
-        with os.fdopen(handle, mode, encoding=None if "b" in mode else encoding) as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield stream
+        stream.flush()
+        os.fsync(stream.fileno())
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    finally:
+        stream.close()
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
@@ -125,11 +131,26 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) ->
         json.dump(data, stream, **dump_kwargs)
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, the same in every process: safetensors writes its metadata in hash-map order,
+    which changes from one process to the next, so the header is rewritten with the metadata keys sorted (same
+    length, same offsets). This is what lets a resumed build end in the same bytes as an uninterrupted one."""
+    payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(canonical) > length:  # pragma: no cover - same keys and values cannot grow
+        return payload
+    return payload[:8] + canonical.ljust(length, b" ") + payload[8 + length :]
+
+
 def save_tensors_atomic(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """safetensors (never pickle) with the same guarantee as atomic_write."""
-    payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    """safetensors (never pickle, the same bytes in every process) with the same guarantee as atomic_write."""
+    payload = safetensors_bytes(tensors, metadata)
     with atomic_write(path, "wb") as stream:
         stream.write(payload)
 
@@ -261,6 +282,11 @@ def _stagings(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob(STAGING_PREFIX + "*") if p.is_dir())
 
 
+def _temporaries(folder: Path) -> list[Path]:
+    """atomic_write's temporary files in `folder` and its direct subfolders (a build's partial/ for instance)."""
+    return sorted(p for pattern in (".*.tmp", "*/.*.tmp") for p in folder.glob(pattern) if p.is_file())
+
+
 def _relative_files(root: Path) -> list[str]:
     """Files under `root` as sorted posix paths, leaving out the mechanism's own entries at any depth."""
     found = []
@@ -323,20 +349,23 @@ def _apply_record(folder: Path, record_path: Path) -> None:
 
 
 def _clean_stagings(folder: Path) -> None:
-    """Delete staging folders whose writer is gone (it was killed before writing its record)."""
-    for staging in _stagings(folder):
+    """Delete staging folders and temporary files whose writer is gone (killed before its commit or rename)."""
+    for leftover in _stagings(folder) + _temporaries(folder):
         try:
-            with _flock(staging, exclusive=True, blocking=False) as held:
-                if held:
-                    shutil.rmtree(staging, ignore_errors=True)
+            with _flock(leftover, exclusive=True, blocking=False) as held:
+                if held and leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif held:
+                    leftover.unlink(missing_ok=True)
         except BlockingIOError:
             continue  # a live writer is still filling it
 
 
 def recover_folder(folder: str | os.PathLike) -> None:
-    """Finish a save that was interrupted in `folder`: roll a pending record forward, drop dead staging folders."""
+    """Finish a save that was interrupted in `folder`: roll a pending record forward, drop the staging folders and
+    temporary files of dead writers."""
     folder = Path(folder)
-    if not folder.is_dir() or not (_records(folder) or _stagings(folder)):
+    if not folder.is_dir() or not (_records(folder) or _stagings(folder) or _temporaries(folder)):
         return
     if not os.access(folder, os.W_OK):
         if _records(folder):
@@ -445,6 +474,7 @@ __all__ = [
     "read_json",
     "reading_folder",
     "recover_folder",
+    "safetensors_bytes",
     "safetensors_problem",
     "save_tensors_atomic",
     "write_json_atomic",
