@@ -351,6 +351,7 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[None]:
             if not held or not _records(folder):
                 yield
                 return
+        # A writer died between our recovery and our lock: recover again.
 
 
 class FolderCommit:

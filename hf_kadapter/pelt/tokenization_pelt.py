@@ -313,7 +313,8 @@ class PELTTokenizer:
             start, end, entity_id = mention["char_start"], mention["char_end"], mention["entity_id"]
             if not isinstance(entity_id, str):
                 raise TypeError(f"{where}: entity ids are strings, got {entity_id!r} for span [{start}, {end})")
-            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+            integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
+            if not (integers and 0 <= start < end <= len(text)):
                 raise ValueError(
                     f"{where}: mention span [{start}, {end}) of {entity_id!r} is not within the text "
                     f"(length {len(text)}) or is empty"

@@ -1,0 +1,72 @@
+"""modeling_kadapter.py is shipped as remote code and cannot import hf_kadapter: its private copies of the shared
+folder-commit and fingerprint helpers must stay identical to hf_kadapter/utils (this test fails when they drift)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+import hf_kadapter.kadapter.modeling_kadapter as modeling
+import hf_kadapter.utils.fingerprint as fingerprint
+import hf_kadapter.utils.io as shared_io
+
+COPIED = {
+    shared_io: [
+        "DamagedFileError", "_fault_point", "_fsync_dir", "atomic_write", "read_json", "safetensors_problem",
+        "check_safetensors", "_flock", "_is_mechanism_entry", "_records", "_stagings", "_relative_files", "_matches",
+        "_apply_record", "_temporaries", "_clean_stagings", "recover_folder", "reading_folder", "FolderCommit",
+    ],
+    fingerprint: [
+        "FingerprintDtypeError", "_native_and_views", "_as_bytes", "_segment_digests", "_digests",
+        "fingerprint_tensors", "_is_lora_key", "base_tensors", "base_fingerprint", "parse_fingerprint",
+        "comparison_view", "compare_fingerprints", "tensors_match_fingerprint",
+    ],
+}  # fmt: skip
+CONSTANTS = {
+    shared_io: ["STAGING_PREFIX", "RECORD_PREFIX", "BUILD_LOCK_NAME", "MECHANISM_PATTERNS"],
+    fingerprint: ["FINGERPRINT_VERSION", "_VIEW_DTYPES", "_SEGMENT", "_BLOCK"],
+}
+
+
+@pytest.mark.parametrize("module", list(COPIED), ids=lambda m: m.__name__)
+def test_copies_are_identical(module):
+    for name in COPIED[module]:
+        original = getattr(module, name)
+        copy = getattr(modeling, name, None)
+        assert copy is not None, f"modeling_kadapter lacks its copy of {module.__name__}.{name}"
+        assert inspect.getsource(copy) == inspect.getsource(original), (
+            f"modeling_kadapter.{name} differs from {module.__name__}.{name}: copy the shared version over"
+        )
+    for name in CONSTANTS[module]:
+        assert getattr(modeling, name) == getattr(module, name), name
+
+
+def test_every_helper_the_copies_use_is_copied():
+    """A copied function that calls a helper of its module must find that helper copied too."""
+    for module, names in COPIED.items():
+        defined = {
+            name
+            for name, value in vars(module).items()
+            if (inspect.isfunction(value) or inspect.isclass(value)) and value.__module__ == module.__name__
+        }
+        for name in names:
+            tree = ast.parse(inspect.getsource(getattr(module, name)))
+            used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+            missing = (used & defined) - set(names) - {name}
+            assert not missing, f"{module.__name__}.{name} uses {sorted(missing)}, which modeling_kadapter lacks"
+
+
+def test_the_remote_code_imports_nothing_from_the_package():
+    tree = ast.parse(Path(modeling.__file__).read_text(encoding="utf-8"))
+    allowed = {"torch", "transformers", "huggingface_hub", "safetensors", "fcntl", "xxhash"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.module == "configuration_kadapter", ast.dump(node)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            for name in names:
+                root = name.split(".")[0]
+                assert root in allowed or root in __import__("sys").stdlib_module_names, name
