@@ -420,15 +420,24 @@ class PELTTokenizer:
                 [self._render(string, found) for string, found in zip(side_texts, side_groups, strict=True)]
                 for side_texts, side_groups in zip(sides, groups, strict=True)
             ]
-            encoded = self.tokenizer(
-                rendered[0],
-                rendered[1] if pairs is not None else None,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length,
-                return_offsets_mapping=True,
-                **kwargs,
-            )
+            try:
+                encoded = self.tokenizer(
+                    rendered[0],
+                    rendered[1] if pairs is not None else None,
+                    padding=padding,
+                    truncation=truncation,
+                    max_length=max_length,
+                    return_offsets_mapping=True,
+                    **kwargs,
+                )
+            except Exception as error:  # the Rust tokenizer raises a bare Exception for impossible truncation
+                if "Truncation error" not in str(error):
+                    raise
+                raise ValueError(
+                    f"text: truncation={truncation!r} cannot fit max_length={max_length}: the text that may not be cut "
+                    "is already longer (each entity slot adds 3 tokens). Raise max_length or use "
+                    "truncation='longest_first'."
+                ) from None
             positions, rows, cut_away, changed = self._locate(encoded, groups, dropped)
             if not changed:
                 break

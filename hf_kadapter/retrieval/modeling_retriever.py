@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput
 from ..kadapter.modeling_kadapter import _bare_encoder
 from ..kadapter.modeling_kadapter import _base_init_kwargs as _encoder_init_kwargs
 from ..utils.hub import push_folder_to_hub
-from ..utils.io import FolderCommit, reading_folder
+from ..utils.io import FolderCommit, check_safetensors, reading_folder
 from .configuration_retriever import RetrieverEmbedderConfig
 
 
@@ -99,9 +99,12 @@ class RetrieverEmbedderPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
-        """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished."""
+        """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished, and a
+        weights file cut short is named (DamagedFileError) rather than reported as "incomplete metadata"."""
         local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
         with reading_folder(pretrained_model_name_or_path) if local else contextlib.nullcontext():
+            for weights in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")) if local else ():
+                check_safetensors(weights)
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()

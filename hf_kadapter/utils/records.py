@@ -90,6 +90,28 @@ def _undecodable(text: str) -> RecordError | None:
     )
 
 
+def read_text(path: str | Path) -> str:
+    """A data file's text; bytes that are not UTF-8 become lone surrogates (errors="surrogateescape"), so the record
+    holding them can be named (`check_decoded`) or skipped instead of the whole file failing to decode."""
+    return Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+
+
+def check_decoded(value: Any) -> None:
+    """Raise RecordError("<encoding>") when a string anywhere in a decoded JSON value came from bytes that are not
+    UTF-8 (see read_text)."""
+    if isinstance(value, str):
+        bad = _undecodable(value)
+        if bad is not None:
+            raise bad
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_decoded(key)
+            check_decoded(item)
+    elif isinstance(value, list):
+        for item in value:
+            check_decoded(item)
+
+
 def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, record) from a JSON Lines file or a JSON array file (line = where the record starts).
 
@@ -98,7 +120,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     DataFormatError (nothing after it can be located).
     """
     path = Path(path)
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = read_text(path)
     stripped = text.lstrip()
     if not stripped:
         return
@@ -186,8 +208,10 @@ __all__ = [
     "DataReport",
     "ON_ERROR",
     "RecordError",
+    "check_decoded",
     "check_on_error",
     "iter_json_records",
     "load_records",
+    "read_text",
     "require",
 ]
