@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 FINGERPRINT_VERSION = "fp2"
 _VIEW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SEGMENT = 1 << 22  # elements hashed as one independent task
-_BLOCK = 1 << 18  # elements converted to a view at once (stays in cache)
+_BLOCK = 1 << 15  # elements converted to a view at once: in cache, and under torch's parallel grain size
 
 
 class FingerprintDtypeError(ValueError):
@@ -64,22 +64,23 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def _segment_digests(flat: torch.Tensor, views: tuple[str, ...]) -> dict[str, bytes]:
-    """Digest of one segment of a flat CPU tensor in each view; conversions go block by block through reused buffers."""
+    """Digest of one segment of a flat CPU tensor in each view. Views in the tensor's own dtype hash its bytes at once;
+    the others are converted block by block through reused buffers (blocks stay under torch's parallel grain size:
+    OpenMP threads spun up per small copy made this ten times slower on a busy machine)."""
     hashers = {view: xxhash.xxh3_128() for view in views}
     floating = flat.is_floating_point()
-    buffers: dict[str, torch.Tensor] = {}
-    for start in range(0, flat.numel(), _BLOCK):
+    if floating and flat.dtype == torch.float64:
+        flat = flat.to(torch.float32)  # float64 counts as float32: its fp16 view is RNE16(RNE32(x))
+    converted = [v for v in views if floating and v != "raw" and flat.dtype != _VIEW_DTYPES[v]]
+    for view in views:
+        if view not in converted:
+            hashers[view].update(_as_bytes(flat))
+    buffers = {view: torch.empty(min(_BLOCK, flat.numel()), dtype=_VIEW_DTYPES[view]) for view in converted}
+    for start in range(0, flat.numel() if converted else 0, _BLOCK):
         part = flat[start : start + _BLOCK]
-        if floating and part.dtype == torch.float64:
-            part = part.to(torch.float32)  # float64 counts as float32: its fp16 view is RNE16(RNE32(x))
-        for view in views:
-            data = part
-            if floating and view != "raw" and part.dtype != _VIEW_DTYPES[view]:
-                buffer = buffers.get(view)
-                if buffer is None:
-                    buffer = buffers[view] = torch.empty(_BLOCK, dtype=_VIEW_DTYPES[view])
-                data = buffer[: part.numel()]
-                data.copy_(part)
+        for view in converted:
+            data = buffers[view][: part.numel()]
+            data.copy_(part)
             hashers[view].update(_as_bytes(data))
     return {view: hasher.digest() for view, hasher in hashers.items()}
 
