@@ -503,6 +503,14 @@ for _name, (_corpus, _pattern) in CORPORA.items():
     case(f"build_index:{_name}")(lambda env, tmp, c=_corpus, p=_pattern: _refused_before_embedding(env, c(), p))
 
 
+@case("build_index:add-an-existing-id")
+def _existing(env, tmp):
+    retriever = RealmStyleRetriever(_Untouchable(env.retriever.embedder), env.retriever.tokenizer,
+                                    index=env.retriever.index)  # fmt: skip
+    with pytest.raises(ValueError, match=r"documents \['d1'\] are already in the index"):
+        retriever.add_documents([{"id": "d1", "text": "again"}])
+
+
 @case("build_index:list-corpus-rebuilt", outcome="correct")
 def _rebuilt(env, tmp):
     retriever = RealmStyleRetriever(env.retriever.embedder, env.retriever.tokenizer)

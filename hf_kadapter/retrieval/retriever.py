@@ -218,6 +218,8 @@ class RealmStyleRetriever:
         (a chunk file that is damaged or of another shape is embedded again). Non-finite embeddings are refused,
         naming the documents."""
         embedder = self.embedder if embedder is None else embedder
+        if rows is None:
+            check_corpus(dataset)  # (build_index checks once, then passes rows batch by batch)
         was_training = embedder.training
         embedder.eval()
         device = self._device(embedder)
@@ -392,8 +394,13 @@ class RealmStyleRetriever:
         if self.index is None:
             raise ValueError("No index: call build_index first.")
         check_corpus(dataset)
-        embeddings = self.embed_corpus(dataset, batch_size=batch_size, max_length=max_length, progress=progress)
         ids = _ids(dataset)
+        present = [doc_id for doc_id in ids if doc_id in self.index]
+        if present:  # refused before any embedding
+            raise ValueError(f"documents {present[:5]} are already in the index: ids must be unique.")
+        embeddings = self.embed_corpus(
+            dataset, batch_size=batch_size, max_length=max_length, progress=progress, rows=range(len(dataset))
+        )
         self.index.add(ids, embeddings)
         if self.documents is None:
             self.documents = dataset
