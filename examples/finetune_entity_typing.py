@@ -20,11 +20,11 @@ from hf_kadapter.kadapter.data import (
     preprocess_entity_typing,
 )
 from hf_kadapter.kadapter.metrics import entity_typing_compute_metrics
-from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
+from hf_kadapter.kadapter.recipes import FineTuningArguments, build_finetuning_model, parse_arguments, run
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args, data_args, training_args = parse_arguments(argv=argv)
+    args, data_args, training_args = parse_arguments(FineTuningArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     train = data_args.limit(load_entity_typing(data_args.train_file, on_error=data_args.on_error))

@@ -12,11 +12,11 @@ from transformers import AutoTokenizer, Trainer
 from hf_kadapter import KAdapterForMultipleChoice
 from hf_kadapter.kadapter.data import KAdapterDataCollator, load_multiple_choice, preprocess_multiple_choice
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
-from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
+from hf_kadapter.kadapter.recipes import FineTuningArguments, build_finetuning_model, parse_arguments, run
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args, data_args, training_args = parse_arguments(argv=argv)
+    args, data_args, training_args = parse_arguments(FineTuningArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     def features(path: str, limit: bool = False):

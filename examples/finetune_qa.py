@@ -10,6 +10,7 @@ Evaluation predicts spans over the sliding windows, maps them back to the contex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import AutoTokenizer, Trainer
 
@@ -22,17 +23,18 @@ from hf_kadapter.kadapter.data import (
     preprocess_squad_train,
 )
 from hf_kadapter.kadapter.metrics import load_metric
-from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
+from hf_kadapter.kadapter.recipes import FineTuningArguments, build_finetuning_model, parse_arguments, run
 
 
 @dataclass
 class QAArguments:
     doc_stride: int = field(default=128, metadata={"help": "Overlap between context windows."})
     max_answer_length: int = field(default=30, metadata={"help": "Longest answer span, in tokens."})
+    not_defining_run: ClassVar[tuple[str, ...]] = ("max_answer_length",)  # evaluation only
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args, data_args, qa_args, training_args = parse_arguments(QAArguments, argv=argv)
+    args, data_args, qa_args, training_args = parse_arguments(FineTuningArguments, QAArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     windows = dict(max_length=args.max_length, doc_stride=qa_args.doc_stride)
 

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, Trainer
 from hf_kadapter import KAdapterForRelationClassification
 from hf_kadapter.kadapter.data import KAdapterDataCollator, build_label_vocab, load_relation, preprocess_relation
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics, relation_compute_metrics
-from hf_kadapter.kadapter.recipes import build_finetuning_model, parse_arguments, run
+from hf_kadapter.kadapter.recipes import FineTuningArguments, build_finetuning_model, parse_arguments, run
 
 
 @dataclass
@@ -28,7 +28,7 @@ class RelationArguments:
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args, data_args, relation_args, training_args = parse_arguments(RelationArguments, argv=argv)
+    args, data_args, relation_args, training_args = parse_arguments(FineTuningArguments, RelationArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     train = data_args.limit(

@@ -14,11 +14,17 @@ from transformers import AutoTokenizer, Trainer
 from hf_kadapter import KAdapterForFactualPretraining
 from hf_kadapter.kadapter.data import KAdapterDataCollator, build_label_vocab, load_factual, preprocess_factual
 from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
-from hf_kadapter.kadapter.recipes import build_pretraining_model, parse_arguments, run, with_feature_cache
+from hf_kadapter.kadapter.recipes import (
+    PretrainingArguments,
+    build_pretraining_model,
+    parse_arguments,
+    run,
+    with_feature_cache,
+)
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args, data_args, training_args = parse_arguments(argv=argv)
+    args, data_args, training_args = parse_arguments(PretrainingArguments, argv=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
     train = data_args.limit(load_factual(data_args.train_file, on_error=data_args.on_error))
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         label2id=label2id,
     )
     collator = KAdapterDataCollator(tokenizer, label_kind="scalar")
-    train_features, collator = with_feature_cache(model, features(train), collator, data_args, training_args)
+    train_features, collator = with_feature_cache(model, features(train), collator, args, training_args)
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -24,9 +24,10 @@ from hf_kadapter.kadapter.data import (
     preprocess_dependency,
     save_dependency_records,
 )
-from hf_kadapter.kadapter.metrics import accuracy_compute_metrics
+from hf_kadapter.kadapter.metrics import accuracy_compute_metrics, argmax_logits
 from hf_kadapter.kadapter.recipes import (
     DataArguments,
+    PretrainingArguments,
     build_pretraining_model,
     parse_arguments,
     run,
@@ -49,7 +50,7 @@ def load(path: str, data_args: DataArguments, training_args) -> datasets.Dataset
 
 
 def main(argv: list[str] | None = None) -> Trainer:
-    args, data_args, training_args = parse_arguments(argv=argv)
+    args, data_args, training_args = parse_arguments(PretrainingArguments, argv=argv)
     os.makedirs(training_args.output_dir, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     )
     collator = KAdapterDataCollator(tokenizer, label_kind="token")
     train_features, collator = with_feature_cache(
-        model, data_args.limit(features(data_args.train_file)), collator, data_args, training_args
+        model, data_args.limit(features(data_args.train_file)), collator, args, training_args
     )
     trainer = Trainer(
         model=model,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         eval_dataset=features(data_args.validation_file) if data_args.validation_file else None,
         data_collator=collator,
         compute_metrics=accuracy_compute_metrics(),  # head-position accuracy over labelled tokens
+        preprocess_logits_for_metrics=argmax_logits,  # (B, L, L) logits of batches of other lengths cannot be joined
     )
     run(trainer, training_args)
     return trainer

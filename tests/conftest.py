@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import shutil
+import string
+from pathlib import Path
+
+import huggingface_hub
 import pytest
 import torch
-from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+from huggingface_hub import HfApi, RepoUrl
+from transformers import BertConfig, BertModel, BertTokenizer, RobertaConfig, RobertaModel
 
 import hf_kadapter as hk
 
@@ -83,3 +91,87 @@ def make_model(base_dir: str, cls=None, seed: int = 0, **config_kwargs):
     cls = cls or hk.KAdapterModel
     config_kwargs.setdefault("adapters", {"factual": tiny_adapter()})
     return cls.from_base(base_dir, **config_kwargs).eval()
+
+
+# ----- a character-level WordPiece tokenizer and tiny BERT configs (retrieval, PELT, Trainer runs) -------------------
+CHARS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    *string.ascii_lowercase,
+    *[f"##{c}" for c in string.ascii_lowercase],
+]
+CHARS += [".", "?", "(", ")"]
+DOCS = [("d0", "paris", "paris is in france."), ("d1", "rome", "rome is in italy."), ("d2", "oslo", "oslo is cold.")]
+
+
+def char_tokenizer(folder: Path) -> BertTokenizer:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(CHARS) + "\n")
+    return BertTokenizer(vocab=str(folder / "vocab.txt"))
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    settings = dict(
+        vocab_size=len(CHARS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=96,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+class FakeHub:
+    """A local stand-in for the Hub. The package calls the real APIs: `HfApi.create_repo` / `HfApi.upload_folder`
+    land here and write a private HF cache laid out like the real one (models--owner--name/snapshots/<commit>/ and
+    refs/main), which snapshot_download / hf_hub_download / transformers then read with HF_HUB_OFFLINE."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.commits: list[dict] = []
+        self._counter = itertools.count()
+
+    def repo_folder(self, repo_id: str) -> Path:
+        return self.cache / f"models--{repo_id.replace('/', '--')}"
+
+    def snapshot(self, repo_id: str) -> Path:
+        folder = self.repo_folder(repo_id)
+        return folder / "snapshots" / (folder / "refs" / "main").read_text()
+
+    def create_repo(self, api: HfApi, repo_id: str, *, private: bool | None = None, exist_ok: bool = False, **kwargs):
+        repo_id = repo_id if "/" in repo_id else f"me/{repo_id}"
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, api: HfApi, *, repo_id: str, folder_path: str, commit_message: str | None = None, **kwargs):
+        folder = self.repo_folder(repo_id)
+        commit = hashlib.sha1(f"{repo_id}-{next(self._counter)}".encode()).hexdigest()
+        if (folder / "refs" / "main").exists():  # like the Hub: files not in this upload stay
+            shutil.copytree(self.snapshot(repo_id), folder / "snapshots" / commit)
+        shutil.copytree(folder_path, folder / "snapshots" / commit, dirs_exist_ok=True)
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(commit)
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        self.commits.append({"repo_id": repo_id, "message": commit_message, "files": files, **kwargs})
+        return f"https://huggingface.co/{repo_id}/commit/{commit}"
+
+    def card(self, repo_id: str) -> huggingface_hub.ModelCard:
+        return huggingface_hub.ModelCard.load(self.snapshot(repo_id) / "README.md")
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch) -> FakeHub:
+    """Uploads go to a private hub cache; loading by repo id then reads it offline (HF_HUB_OFFLINE)."""
+    hub = FakeHub(tmp_path / "hub-cache")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: hub.upload_folder(api, **kw))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub.cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return hub

@@ -1,5 +1,5 @@
 """Fault injection for the reliability tests: run a job in a forked child and SIGKILL it at its Nth write boundary
-(hf_kadapter.utils.io._fault_point and the remote-code copy in modeling_kadapter) or after a delay.
+(hf_kadapter.utils.io._fault_point and the remote-code copies in modeling_kadapter and modeling_retriever) or after a delay.
 
 A forked child inherits the loaded libraries, models and data, so a kill-and-resume round costs the job's own work,
 not a Python start; the kill is a real SIGKILL (no finally blocks, no atexit), as after `kill -9`.
@@ -19,10 +19,11 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import hf_kadapter.kadapter.modeling_kadapter as modeling
+import hf_kadapter.kadapter.modeling_kadapter as modeling_kadapter
+import hf_kadapter.retrieval.modeling_retriever as modeling_retriever
 import hf_kadapter.utils.io as shared_io
 
-HOOKED = (shared_io, modeling)
+HOOKED = (shared_io, modeling_kadapter, modeling_retriever)  # the shared module and the remote-code copies
 KILLED = -signal.SIGKILL
 # Files that legitimately differ between two runs of the same job (wall-clock fields) and the mechanism's own.
 VOLATILE_JSON_KEYS = {"build_seconds", "updated"}

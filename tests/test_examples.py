@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,15 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "outputs identical = True" in result.stdout
     assert (tmp_path / "out" / "factual-adapter" / "model.safetensors").exists()
+
+
+def test_readme_cpu_install_gets_the_cpu_build_of_the_pinned_torch():
+    """Pinning torch alone pulls a CUDA build from PyPI on Linux: the CPU install must name PyTorch's CPU index,
+    install torch before the package, and install the version constraints-cpu.txt pins."""
+    readme = (ROOT / "README.md").read_text()
+    pinned = next(line for line in (ROOT / "constraints-cpu.txt").read_text().splitlines() if line.startswith("torch"))
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    install = next(block for block in blocks if "-c constraints-cpu.txt -e ." in block)
+    torch_line = next(line for line in install.splitlines() if line.startswith("pip install torch"))
+    assert pinned in torch_line.split() and "https://download.pytorch.org/whl/cpu" in torch_line
+    assert install.index(torch_line) < install.index("-e .")

@@ -106,7 +106,7 @@ def test_load_factual_keeps_official_fields():
     data = load_factual(FIXTURES / "trex_train.json")
     assert len(data) == 6
     assert set(data.column_names) == {
-        "docid", "token", "subj_start", "subj_end", "obj_start", "obj_end", "relation", "subj_label", "obj_label"
+        "id", "docid", "token", "subj_start", "subj_end", "obj_start", "obj_end", "relation", "subj_label", "obj_label"
     }  # fmt: skip
     first = data[0]
     assert first["token"][:2] == ["Barack", "Obama"] and first["relation"] == "P19"
@@ -167,6 +167,25 @@ def test_entity_typing_char_span_to_words():
     assert multi["token"][multi["ent_start"] : multi["ent_end"] + 1] == ["the", "United", "States"]
 
 
+def test_ids_survive_loading_and_skipping_preprocessing(tmp_path, bert_tokenizer):
+    """on_error='skip' drops examples: the kept rows' ids say which (the loaders used to drop the id field)."""
+    far = "and more words " * 10 + "Alice ."
+    records = [
+        {"id": "r0", "sent": "Alice met Bob .", "start": 0, "end": 5, "labels": ["person"]},
+        {"id": "r1", "sent": far, "start": far.index("Alice"), "end": far.index("Alice") + 5, "labels": ["person"]},
+        {"id": "r2", "sent": "Alice left .", "start": 0, "end": 5, "labels": ["person"]},
+    ]
+    path = tmp_path / "typing.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded = load_entity_typing(path)
+    assert loaded["id"] == ["r0", "r1", "r2"]
+    report = DataReport()
+    data = preprocess_entity_typing(
+        loaded, bert_tokenizer, {"person": 0}, max_length=16, on_error="skip", report=report
+    )
+    assert report.skipped == 1 and data["id"] == ["r0", "r2"]
+
+
 def test_no_relation_subsampling_is_seeded_and_counted():
     full = load_relation(FIXTURES / "tacred_train.json")
     assert full["relation"].count("no_relation") == 5 and full[0]["id"] == "t01" and full[0]["subj_type"] == "PERSON"
@@ -209,7 +228,7 @@ def test_factual_bert_tokens_and_positions(bert_tokenizer):
     label2id = build_label_vocab(trex)
     data = preprocess_factual(trex, bert_tokenizer, label2id)
     assert data.column_names == [
-        "input_ids", "token_type_ids", "attention_mask", "subject_positions", "object_positions", "labels"
+        "input_ids", "token_type_ids", "attention_mask", "subject_positions", "object_positions", "labels", "id"
     ]  # fmt: skip
     first = data[0]
     # "Barack" -> bar ##ack inside the subject, "Honolulu" -> hon ##olu ##lu inside the object.

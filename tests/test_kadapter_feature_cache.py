@@ -272,7 +272,7 @@ def test_key_changes_with_base_weights_tokenization_taps_and_dtype(base_dirs, tm
     assert not torch.allclose(fresh[0], cache[0])
     with pytest.raises(ValueError, match="base_fingerprint"):
         cache.check_compatible(other_base)
-    with pytest.raises(ValueError, match="hidden_state_indices"):
+    with pytest.raises(ValueError, match=r"holds hidden_states \[0, 2, 3, 4\], not \[1\]"):
         CachedFeatureCollator(pad_collate, cache, model=other_taps)
 
     # A finished cache is reused without running the base.
@@ -280,6 +280,25 @@ def test_key_changes_with_base_weights_tokenization_taps_and_dtype(base_dirs, tm
     again = build(model, data, tmp_path)
     calls.remove()
     assert calls.calls == 0 and again.path == cache.path
+
+
+def test_a_cache_serves_every_model_reading_a_subset_of_its_states(base_dirs, tmp_path):
+    """One cache built for a model with an adapter also feeds a head-only baseline and a downstream head on the
+    same base: the collator hands each model exactly the hidden states it reads."""
+    data = toy_dataset(size=8).remove_columns(["subject_positions", "object_positions", "labels"])
+    with_adapter = factual(base_dirs["bert"])
+    cache = build(with_adapter, data, tmp_path)
+    torch.manual_seed(0)
+    head_only = hk.KAdapterForSequenceClassification.from_base(base_dirs["bert"], adapters={}, num_labels=2).eval()
+    assert cached_hidden_state_indices(head_only) == [4]
+    collator = CachedFeatureCollator(pad_collate, cache, model=head_only)
+    batch = collator([{**data[i], CACHE_INDEX_COLUMN: i} for i in range(4)])
+    assert batch["cached_hidden_states"].shape[1] == 1
+    cached = batch.pop("cached_hidden_states")
+    with torch.no_grad():
+        plain = head_only(**batch).logits
+        from_cache = head_only(**batch, cached_hidden_states=cached).logits
+    torch.testing.assert_close(from_cache, plain, rtol=1e-5, atol=1e-6)
 
 
 # ----- resume ----------------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def test_push_to_hub_uploads_the_adapter_only_folder_with_a_card(base_dir, monke
 
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
-    assert model.push_to_hub("kadapter-test") == "commit-url"
+    assert model.push_to_hub("kadapter-test", base_model_id="org/tiny-base") == "commit-url"
     assert calls["create_repo"] == "kadapter-test" and calls["repo_id"] == "me/kadapter-test"
     files = calls["files"]
     assert set(files) == {
@@ -160,7 +160,7 @@ def test_push_to_hub_uploads_the_adapter_only_folder_with_a_card(base_dir, monke
         "modeling_kadapter.py",
     }
     card = files["README.md"].decode()
-    assert base_dir in card and "| factual |" in card and "NOT included" in card
+    assert "org/tiny-base" in card and "| factual |" in card and "NOT included" in card
     with open(os.path.join(base_dir, "model.safetensors"), "rb") as handle:
         assert len(files["model.safetensors"]) < len(handle.read())  # the base is not uploaded
 

@@ -58,15 +58,22 @@ def recipe_base(tmp_path_factory) -> str:
     return str(folder)
 
 
+PRETRAINING_FILES = ("trex_train.json", "dep_sentences.jsonl")
+
+
 def _argv(base: str, output: Path, train: str, *extra: str, steps: int = 15) -> list[str]:
-    return [
+    argv = [
         "--base_model", base, "--train_file", str(FIXTURES / train), "--output_dir", str(output),
         "--do_train", "--max_steps", str(steps), "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
         "--logging_steps", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--seed", "0",
-        "--adapter_hidden_size", "16", "--adapter_heads", "2", "--adapter_intermediate_size", "32",
-        "--tap_layers", "0,2,4", "--disable_tqdm", "true", "--max_length", "64", "--adapter_dropout", "0",
-        "--classifier_dropout", "0", "--lora_dropout", "0", *extra,
+        "--disable_tqdm", "true", "--max_length", "64", "--classifier_dropout", "0",
     ]  # fmt: skip
+    if train in PRETRAINING_FILES:  # the new adapter's settings: flags of the pretraining scripts only
+        argv += ["--adapter_hidden_size", "16", "--adapter_heads", "2", "--adapter_intermediate_size", "32",
+                 "--tap_layers", "0,2,4", "--adapter_dropout", "0"]  # fmt: skip
+    else:
+        argv += ["--lora_dropout", "0"]
+    return [*argv, *extra]
 
 
 def _run(script: str, argv: list[str]):
@@ -152,7 +159,7 @@ def test_pretrain_linguistic_keeps_the_factual_adapter_intact(recipe_base, factu
         ("finetune_qa", "squad_tiny.json", "adapters"),
     ],
 )
-def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, script, train, regime):
+def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, capsys, script, train, regime):
     output = tmp_path / script
     argv = _argv(
         recipe_base, output, train, "--load_adapters", f"factual={factual_adapter}", "--regime", regime,
@@ -161,6 +168,9 @@ def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, script, trai
     if script == "finetune_qa":
         argv += ["--doc_stride", "32"]
     trainer = _run(script, argv)
+    printed = capsys.readouterr().out
+    assert "***** eval metrics *****" in printed  # printed, as transformers' example scripts do
+    assert f"hf_kadapter.kadapter.recipes - regime {regime}:" in printed  # the package's own INFO logs show
     _assert_learns_and_reloads(trainer, output)
     model = trainer.model
     assert model.config.frozen_adapters == (["factual"] if regime != "adapters" else [])
@@ -176,3 +186,48 @@ def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, script, trai
         "finetune_qa": "eval_f1",
     }[script]
     assert any(key.startswith(expected_metric) for key in evaluation), evaluation
+
+
+def test_rerunning_an_output_dir_resumes_or_refuses_changed_arguments(recipe_base, tmp_path, capsys):
+    output = tmp_path / "fac"
+    argv = _argv(recipe_base, output, "trex_train.json", "--save_strategy", "steps", "--save_steps", "2", steps=2)
+    _run("pretrain_factual", argv)
+    assert json.loads((output / "run_arguments.json").read_text())["learning_rate"] == 3e-3
+    capsys.readouterr()
+    assert _run("pretrain_factual", argv).state.global_step == 2  # the same arguments: resumed (and finished)
+    assert "holds a run with the same arguments: resuming" in capsys.readouterr().out
+    changed = [*argv, "--learning_rate", "1e-3"]
+    # Before: resumed the finished run, trained nothing and overwrote the results; with other taps it crashed.
+    with pytest.raises(
+        ValueError, match=r"--learning_rate: 0\.003 -> 0\.001.*new --output_dir.*--overwrite_output_dir"
+    ):
+        _run("pretrain_factual", changed)
+    with pytest.raises(ValueError, match=r"--tap_layers: '0,2,4' -> '0,4'"):
+        _run("pretrain_factual", [*argv, "--tap_layers", "0,4"])
+    trainer = _run("pretrain_factual", [*changed, "--overwrite_output_dir"])
+    assert trainer.state.global_step == 2 and trainer.args.learning_rate == 1e-3
+    assert json.loads((output / "run_arguments.json").read_text())["learning_rate"] == 1e-3
+
+
+def test_linguistic_evaluation_joins_batches_of_other_lengths(recipe_base, tmp_path, capsys):
+    output = tmp_path / "lin"
+    argv = _argv(recipe_base, output, "dep_sentences.jsonl", "--validation_file", str(FIXTURES / "dep_sentences.jsonl"),
+                 "--do_eval", "--per_device_eval_batch_size", "1", "--gradient_checkpointing", steps=2)  # fmt: skip
+    _run("pretrain_linguistic", argv)  # before: logits (1, 9, 9) and (1, 6, 6) could not be concatenated
+    printed = capsys.readouterr().out
+    assert "***** eval metrics *****" in printed and "pretraining the adapter 'linguistic'" in printed
+    assert 0 <= json.loads((output / "eval_results.json").read_text())["eval_accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("script", "train", "flag"),
+    [
+        ("pretrain_factual", "trex_train.json", "--regime"),
+        ("pretrain_linguistic", "dep_sentences.jsonl", "--lora_r"),
+        ("finetune_relation", "tacred_train.json", "--feature_cache_dir"),
+        ("finetune_entity_typing", "openentity_train.json", "--tap_layers"),
+    ],
+)
+def test_scripts_do_not_offer_flags_they_ignore(recipe_base, tmp_path, script, train, flag):
+    with pytest.raises(ValueError, match=f"not used by the HfArgumentParser.*{flag}"):
+        _run(script, _argv(recipe_base, tmp_path / "out", train, flag, "1"))

@@ -30,7 +30,7 @@ import hf_kadapter as hk
 import hf_kadapter.utils.io as shared_io
 from hf_kadapter.kadapter.data import KAdapterDataCollator, build_label_vocab, load_factual, preprocess_factual
 from hf_kadapter.kadapter.feature_cache import build_feature_cache
-from hf_kadapter.kadapter.recipes import KAdapterArguments, build_pretraining_model, run
+from hf_kadapter.kadapter.recipes import PretrainingArguments, build_pretraining_model, run
 from hf_kadapter.pelt import EntityLookupTable, PELTTokenizer, build_entity_table
 from hf_kadapter.retrieval import DocumentIndex, RealmStyleRetriever
 from hf_kadapter.utils.io import recover_folder
@@ -140,7 +140,7 @@ def _torn_to_json(self, path):
 
 @pytest.fixture(scope="module")
 def factual_parts(recipe_base):  # noqa: F811 (the fixture imported above)
-    args = KAdapterArguments(base_model=recipe_base, adapter_hidden_size=16, adapter_heads=2,
+    args = PretrainingArguments(base_model=recipe_base, adapter_hidden_size=16, adapter_heads=2,
                              adapter_intermediate_size=32, tap_layers="0,2,4", adapter_dropout=0.0,
                              classifier_dropout=0.0)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(recipe_base)
@@ -177,8 +177,8 @@ def test_recipe_training_resumes_from_the_last_complete_checkpoint_after_any_kil
     labels = boundaries(job_for(tmp_path / "reference"))
 
     def timing(relative: str) -> bool:  # wall-clock metrics, pickled arguments (paths) and checkpoints are not results
-        return relative.startswith("checkpoint-") or relative in ("all_results.json", "trainer_state.json",
-                                                                   "training_args.bin")  # fmt: skip
+        return relative.startswith("checkpoint-") or relative in (
+            "all_results.json", "train_results.json", "eval_results.json", "trainer_state.json", "training_args.bin")  # fmt: skip
 
     reference = snapshot(tmp_path / "reference", timing)
     assert "model.safetensors" in reference

@@ -233,26 +233,17 @@ def test_add_and_remove_documents(retriever):
     assert out.mask.sum() == len(DOCS) - 1
 
 
-def test_push_to_hub(tmp_path, retriever, monkeypatch):
-    uploaded = {}
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, private=None, exist_ok=True):
-            return type("Repo", (), {"repo_id": repo_id})()
-
-        def upload_folder(self, repo_id, folder_path, **kwargs):
-            from pathlib import Path
-
-            uploaded["files"] = sorted(p.relative_to(folder_path).parts[0] for p in Path(folder_path).iterdir())
-            uploaded["repo_id"] = repo_id
-
-    monkeypatch.setattr("hf_kadapter.utils.hub.HfApi", FakeApi)
+def test_push_to_hub(retriever, fake_hub):
     retriever.push_to_hub("me/realm-retriever")
-    assert uploaded["repo_id"] == "me/realm-retriever"
-    assert uploaded["files"] == ["documents", "embedder", "index", "retriever_config.json"]
+    (commit,) = fake_hub.commits
+    assert commit["repo_id"] == "me/realm-retriever"
+    assert {f.split("/")[0] for f in commit["files"]} == {
+        "README.md",
+        "documents",
+        "embedder",
+        "index",
+        "retriever_config.json",
+    }
 
 
 def _distributed_build(rank: int, world: int, port: int, folder: str) -> None:

@@ -355,9 +355,15 @@ class FeatureCache:
         self._check_readable()
         return self._row(int(index)).transpose(0, 1)
 
-    def batch(self, rows: Sequence[int], seq_len: int | None = None) -> torch.Tensor:
-        """(len(rows), S, seq_len, hidden) of the given rows, zeros past each row's stored length."""
+    def batch(
+        self, rows: Sequence[int], seq_len: int | None = None, indices: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """(len(rows), S, seq_len, hidden) of the given rows, zeros past each row's stored length.
+
+        `indices` picks a subset of the cached hidden states (in that order), for a model that reads fewer than
+        the cache holds (e.g. a head-only baseline on a cache built for adapters)."""
         self._check_readable()
+        columns = self._columns(indices)
         rows = [int(r) for r in rows]
         lengths = self.lengths[rows] if rows else np.zeros(0, dtype=np.int64)
         seq_len = int(lengths.max(initial=0)) if seq_len is None else seq_len
@@ -367,12 +373,28 @@ class FeatureCache:
                 "truncated or tokenized differently from the cached dataset."
             )
         states = self.states
-        out = torch.zeros(len(rows), states.shape[1], seq_len, states.shape[2], dtype=self.torch_dtype)
+        width = states.shape[1] if columns is None else len(columns)
+        out = torch.zeros(len(rows), width, seq_len, states.shape[2], dtype=self.torch_dtype)
         for slot, row in enumerate(rows):
             length = int(lengths[slot])
             if length:
-                out[slot, :, :length].copy_(self._row(row).transpose(0, 1))
+                part = self._row(row)
+                if columns is not None:
+                    part = part[:, columns]
+                out[slot, :, :length].copy_(part.transpose(0, 1))
         return out
+
+    def _columns(self, indices: Sequence[int] | None) -> list[int] | None:
+        """Positions in the cache of the requested hidden-state indices (None: all, as stored)."""
+        if indices is None or list(indices) == self.indices:
+            return None
+        missing = [i for i in indices if i not in self.indices]
+        if missing:
+            raise ValueError(
+                f"The feature cache at {self.path} holds hidden_states {self.indices}, not {missing}: build a cache "
+                "for the adapters the model reads."
+            )
+        return [self.indices.index(i) for i in indices]
 
     # ----- use -------------------------------------------------------------------------------------------------
     def attach(self, dataset: Any, column: str = CACHE_INDEX_COLUMN, verify: bool = True) -> Any:
@@ -397,15 +419,17 @@ class FeatureCache:
         return IndexedDataset(dataset, column)
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Raise unless this cache holds exactly what `model` reads: same base weights, same hidden states."""
+        """Raise unless this cache holds what `model` reads: same base weights and dtype, and every hidden state the
+        model reads (the cache may hold more)."""
         _check_frozen(model)
         identity = _model_identity(model)
-        for field in ("base_fingerprint", "hidden_state_indices", "base_dtype"):
+        for field in ("base_fingerprint", "base_dtype"):
             if identity[field] != self.metadata[field]:
                 raise ValueError(
                     f"The feature cache at {self.path} was built for {field}={self.metadata[field]!r}, but the model "
                     f"has {identity[field]!r}: build a feature cache for this model (build_feature_cache)."
                 )
+        self._columns(identity["hidden_state_indices"])
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -426,8 +450,9 @@ class CachedFeatureCollator:
     """Wraps a collator: pops the cache indices, collates the rest, adds `cached_hidden_states` for the batch.
 
     The states are padded (with zeros) to the collated batch's sequence length, so any right-padding collator
-    works. Only KAdapterModel and the pretraining heads accept `cached_hidden_states`; `Trainer` drops the index
-    column for other models, which this collator reports.
+    works. Given the `model`, it hands over exactly the hidden states that model reads, so one cache built for a
+    model with adapters also serves, say, a head-only baseline on the same base. KAdapterModel and every K-Adapter head accept `cached_hidden_states`; `Trainer` drops the index column
+    for other models, which this collator reports.
     """
 
     def __init__(
@@ -440,9 +465,11 @@ class CachedFeatureCollator:
         self.base_collator = base_collator
         self.cache = cache
         self.column = column
+        self.indices: list[int] | None = None
         cache._check_readable()
         if model is not None:
             cache.check_compatible(model)
+            self.indices = cached_hidden_state_indices(model)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         rows, rest = [], []
@@ -450,7 +477,7 @@ class CachedFeatureCollator:
             if self.column not in feature:
                 raise KeyError(
                     f"A feature has no {self.column!r} column: attach the dataset first (cache.attach(dataset)). With "
-                    "Trainer the model must accept cached_hidden_states (KAdapterModel or a pretraining head), or "
+                    "Trainer the model must accept cached_hidden_states (KAdapterModel or a K-Adapter head), or "
                     "Trainer removes the column."
                 )
             feature = dict(feature)
@@ -467,7 +494,7 @@ class CachedFeatureCollator:
                 "The batch attends to tokens past the cached length of its rows: the collator pads on the left, or the "
                 "dataset is not the cached one."
             )
-        batch["cached_hidden_states"] = self.cache.batch(rows, mask.shape[-1])
+        batch["cached_hidden_states"] = self.cache.batch(rows, mask.shape[-1], indices=self.indices)
         return batch
 
 

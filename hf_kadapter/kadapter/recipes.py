@@ -1,18 +1,24 @@
 """Shared pieces of the K-Adapter training recipes (examples/*.py): arguments, model building, regimes, running.
 
 The scripts stay short and standard (HfArgumentParser + TrainingArguments + Trainer); what they share lives here
-so that every recipe builds models, applies fine-tuning regimes and resumes the same way.
+so that every recipe builds models, applies fine-tuning regimes, checks its output folder, logs and resumes the
+same way. Pretraining scripts parse `PretrainingArguments` (the new adapter, the feature cache), fine-tuning scripts
+`FineTuningArguments` (the regime, LoRA): each script offers only the flags it uses.
 """
 
 from __future__ import annotations
 
+import enum
+import json
 import logging
 import os
 import re
+import shutil
+import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
@@ -23,30 +29,66 @@ from .modeling_kadapter import KAdapterPreTrainedModel, load_base_model
 
 logger = logging.getLogger(__name__)
 
-REGIMES = ("paper", "adapters", "lora")
+REGIMES = ("paper", "adapters", "lora", "probe")
+RUN_RECORD = "run_arguments.json"
+# TrainingArguments that change what a run trains (the others: logging, saving, evaluation, paths, reporting ...).
+TRAINING_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "num_train_epochs",
+    "max_steps",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "data_seed",
+    "optim",
+    "optim_args",
+    "label_smoothing_factor",
+    "bf16",
+    "fp16",
+)
 
 
 @dataclass
-class KAdapterArguments:
-    """Which base, which adapters, and how to train them."""
+class ModelArguments:
+    """Which base, which adapters trained before, and the task head (every recipe)."""
 
     base_model: str = field(metadata={"help": "Base encoder: any BERT-like or RoBERTa-like Hub id or folder."})
-    adapter_name: str | None = field(
-        default=None,
-        metadata={"help": "Name of the adapter a pretraining recipe trains (default: factual/linguistic)."},
-    )
     load_adapters: list[str] = field(
         default_factory=list,
         metadata={"help": "Adapters trained before, loaded frozen: FOLDER or NAME=FOLDER (several allowed)."},
     )
-    regime: str = field(
-        default="paper",
-        metadata={
-            "help": "Fine-tuning regime: 'paper' (base trained, adapters frozen), 'adapters' (base frozen, adapters "
-            "trained), 'lora' (LoRA on the base's attention, adapters frozen)."
-        },
+    classifier_dropout: float | None = field(
+        default=None, metadata={"help": "Dropout of the task head (default: the base's hidden dropout)."}
     )
-    fusion: str = field(default="concat", metadata={"help": "How adapter outputs are combined: 'concat' or 'add'."})
+    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (after markers)."})
+
+    def adapter_sources(self) -> list[tuple[str | None, str]]:
+        sources: list[tuple[str | None, str]] = []
+        for entry in self.load_adapters:
+            if "=" in entry and not os.path.exists(entry):
+                name, folder = entry.split("=", 1)
+                sources.append((name, folder))
+            else:
+                sources.append((None, entry))
+        return sources
+
+
+@dataclass
+class PretrainingArguments(ModelArguments):
+    """The new adapter a pretraining recipe trains (base frozen), and the frozen-base feature cache."""
+
+    adapter_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of the adapter to pretrain (default: factual/linguistic)."},
+    )
     tap_layers: str | None = field(
         default=None,
         metadata={"help": "New adapter's tapped hidden_states, e.g. '0,11,22' (default: scaled from those)."},
@@ -57,18 +99,12 @@ class KAdapterArguments:
     adapter_intermediate_size: int = field(default=3072, metadata={"help": "FFN size of the adapter's layers."})
     adapter_input_mode: str = field(default="sum", metadata={"help": "'sum' (official code) or 'concat' (paper)."})
     adapter_dropout: float = field(default=0.1, metadata={"help": "Dropout inside the new adapter's layers."})
-    classifier_dropout: float | None = field(
-        default=None, metadata={"help": "Dropout of the task head (default: the base's hidden dropout)."}
+    feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache the frozen base's hidden states here and reuse them every epoch."},
     )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (regime 'lora')."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (regime 'lora')."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (regime 'lora')."})
-    lora_target_modules: str = field(default="query,value", metadata={"help": "Base attention modules LoRA wraps."})
-    max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (after markers)."})
-
-    def __post_init__(self) -> None:
-        if self.regime not in REGIMES:
-            raise ValueError(f"--regime {self.regime!r} is not one of {REGIMES}.")
+    # Arguments that do not change what a run trains (left out of its record in output_dir).
+    not_defining_run: ClassVar[tuple[str, ...]] = ("feature_cache_dir",)
 
     def adapter_config(self, num_hidden_layers: int) -> KnowledgeAdapterConfig:
         taps = (
@@ -85,15 +121,28 @@ class KAdapterArguments:
             attention_probs_dropout_prob=self.adapter_dropout,
         )
 
-    def adapter_sources(self) -> list[tuple[str | None, str]]:
-        sources: list[tuple[str | None, str]] = []
-        for entry in self.load_adapters:
-            if "=" in entry and not os.path.exists(entry):
-                name, folder = entry.split("=", 1)
-                sources.append((name, folder))
-            else:
-                sources.append((None, entry))
-        return sources
+
+@dataclass
+class FineTuningArguments(ModelArguments):
+    """What trains on a downstream task: the regime, the fusion of the loaded adapters, LoRA."""
+
+    regime: str = field(
+        default="paper",
+        metadata={
+            "help": "Fine-tuning regime: 'paper' (base trained, adapters frozen), 'adapters' (base frozen, adapters "
+            "trained), 'lora' (LoRA on the base's attention, adapters frozen), 'probe' (base and adapters frozen: "
+            "only the fusion and the head train, which measures what the adapters know)."
+        },
+    )
+    fusion: str = field(default="concat", metadata={"help": "How adapter outputs are combined: 'concat' or 'add'."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (regime 'lora')."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (regime 'lora')."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (regime 'lora')."})
+    lora_target_modules: str = field(default="query,value", metadata={"help": "Base attention modules LoRA wraps."})
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"--regime {self.regime!r} is not one of {REGIMES}.")
 
 
 @dataclass
@@ -106,10 +155,7 @@ class DataArguments:
         default=False, metadata={"help": "Skip and count malformed records instead of stopping at the first one."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
-    feature_cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Pretraining only: cache the frozen base's hidden states here and reuse them every epoch."},
-    )
+    not_defining_run: ClassVar[tuple[str, ...]] = ("validation_file",)
 
     @property
     def on_error(self) -> str:
@@ -123,16 +169,119 @@ class DataArguments:
         )
 
 
-def parse_arguments(*extra: type, argv: list[str] | None = None) -> tuple:
-    """(KAdapterArguments, DataArguments, *extra, TrainingArguments) from the command line; seeds everything
-    before any model is built, so single-process and distributed runs start from the same weights."""
-    parser = HfArgumentParser((KAdapterArguments, DataArguments, *extra, TrainingArguments))
-    parsed = parser.parse_args_into_dataclasses(args=argv)
-    set_seed(parsed[-1].seed)
-    return parsed
+@dataclass
+class RunArguments:
+    """What to do with an output_dir that already holds a run."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over in an output_dir holding a run with other arguments (deletes its checkpoints)."},
+    )
 
 
-def _load_adapters(model: KAdapterPreTrainedModel, args: KAdapterArguments, freeze: bool) -> None:
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to the current sys.stdout, not the one of its creation (notebooks and tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """The package's INFO messages (adapters loaded, what trains, resumed or refused) on stdout, from the main
+    process only, as transformers' example scripts show theirs."""
+    package = logging.getLogger("hf_kadapter")
+    if not any(isinstance(handler, _StdoutHandler) for handler in package.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%H:%M:%S"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else str(value)
+
+
+def run_record(parsed: tuple, training_args: TrainingArguments) -> dict[str, Any]:
+    """The arguments that define what a run trains: the script's own (but their `not_defining_run`) and
+    TRAINING_FIELDS."""
+    record = {
+        f.name: getattr(arguments, f.name)
+        for arguments in parsed
+        for f in fields(arguments)
+        if f.name not in getattr(arguments, "not_defining_run", ())
+    }
+    record.update({name: getattr(training_args, name) for name in TRAINING_FIELDS if hasattr(training_args, name)})
+    record["arguments_of"] = [type(arguments).__name__ for arguments in parsed]  # which recipe
+    return json.loads(json.dumps(record, default=_plain))
+
+
+def check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite: bool = False) -> None:
+    """Before training into an output_dir that holds a run: resume it when the arguments are the same, refuse
+    (naming the changed arguments) when they are not, start over with --overwrite_output_dir. Then record them.
+
+    Why: a rerun resumes from the last checkpoint; with another learning rate it would silently train nothing more
+    (the run is finished) and overwrite the results, with other --tap_layers it would crash in the optimizer load.
+    """
+    if not training_args.do_train:
+        return
+    with training_args.main_process_first(desc="checking the output_dir"):  # replicas see the main process's verdict
+        _check_output_dir(parsed, training_args, overwrite)
+
+
+def _check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite: bool) -> None:
+    folder = Path(training_args.output_dir)
+    current = run_record(parsed, training_args)
+    trained = folder.is_dir() and (bool(_checkpoints(folder)) or (folder / "trainer_state.json").exists())
+    if trained and not overwrite and training_args.resume_from_checkpoint is None:
+        path = folder / RUN_RECORD
+        previous = read_json(path) if path.is_file() else None
+        if previous is None:
+            changed = ["(no record of the arguments of the run there)"]
+        else:
+            changed = [
+                f"--{name}: {previous.get(name)!r} -> {current.get(name)!r}"
+                for name in sorted(set(previous) | set(current))
+                if previous.get(name) != current.get(name)
+            ]
+        if changed:
+            raise ValueError(
+                f"{folder} holds a training run with other arguments: {'; '.join(changed)}. Resuming it would "
+                "continue that run, not start this one: use a new --output_dir, or pass --overwrite_output_dir to "
+                "start over there (its checkpoints are deleted)."
+            )
+        logger.info("%s holds a run with the same arguments: resuming it from its last checkpoint.", folder)
+    elif trained and overwrite and training_args.should_save:
+        logger.warning("--overwrite_output_dir: deleting the checkpoints and results of the run in %s.", folder)
+        for item in [*folder.glob("checkpoint-*"), folder / "trainer_state.json", *folder.glob("*_results.json")]:
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink(missing_ok=True)
+    if training_args.should_save:
+        write_json_atomic(folder / RUN_RECORD, current, sort_keys=True)
+
+
+def parse_arguments(args_class: type, *extra: type, argv: list[str] | None = None) -> tuple:
+    """(args_class instance, DataArguments, *extra, TrainingArguments) from the command line.
+
+    Also: the package's logs go to stdout, the output_dir is checked (see check_output_dir), and everything is
+    seeded before any model is built, so single-process and distributed runs start from the same weights.
+    """
+    parser = HfArgumentParser((args_class, DataArguments, *extra, TrainingArguments, RunArguments))
+    *parsed, run_args = parser.parse_args_into_dataclasses(args=argv)
+    training_args = parsed[-1]
+    setup_logging(training_args)
+    check_output_dir(tuple(parsed[:-1]), training_args, overwrite=run_args.overwrite_output_dir)
+    set_seed(training_args.seed)
+    return tuple(parsed)
+
+
+def _load_adapters(model: KAdapterPreTrainedModel, args: ModelArguments, freeze: bool) -> None:
     """Load every --load_adapters entry. A folder holding several adapters (a linguistic adapter pretrained with
     the factual one alongside) may repeat an adapter already loaded: identical weights are skipped, different
     weights under one name are refused (rename with NAME=FOLDER)."""
@@ -155,7 +304,7 @@ def _load_adapters(model: KAdapterPreTrainedModel, args: KAdapterArguments, free
 
 
 def build_pretraining_model(
-    head_class: type[KAdapterPreTrainedModel], args: KAdapterArguments, adapter_name: str, **config_kwargs: Any
+    head_class: type[KAdapterPreTrainedModel], args: PretrainingArguments, adapter_name: str, **config_kwargs: Any
 ) -> KAdapterPreTrainedModel:
     """A pretraining head training one new adapter; adapters given with --load_adapters come along frozen
     (continual knowledge: the new adapter does not disturb them)."""
@@ -165,12 +314,19 @@ def build_pretraining_model(
     )
     model.config.base_model_name_or_path = args.base_model
     _load_adapters(model, args, freeze=True)
-    model.add_adapter(adapter_name, args.adapter_config(base.config.num_hidden_layers))
+    adapter = model.add_adapter(adapter_name, args.adapter_config(base.config.num_hidden_layers))
+    logger.info(
+        "pretraining the adapter %r (%s parameters) on the frozen base %s; frozen adapters: %s",
+        adapter_name,
+        f"{sum(p.numel() for p in adapter.parameters()):,}",
+        args.base_model,
+        model.config.frozen_adapters or "none",
+    )
     return model
 
 
 def build_finetuning_model(
-    head_class: type[KAdapterPreTrainedModel], args: KAdapterArguments, **config_kwargs: Any
+    head_class: type[KAdapterPreTrainedModel], args: FineTuningArguments, **config_kwargs: Any
 ) -> KAdapterPreTrainedModel:
     """A task head over the base with the given pretrained adapters, in the chosen fine-tuning regime."""
     base = load_base_model(args.base_model)
@@ -183,15 +339,19 @@ def build_finetuning_model(
     return model
 
 
-def apply_regime(model: KAdapterPreTrainedModel, args: KAdapterArguments) -> None:
+def apply_regime(model: KAdapterPreTrainedModel, args: FineTuningArguments) -> None:
     """paper: base trained, adapters frozen (the paper and the official code); adapters: base frozen, adapters
-    trained; lora: LoRA on the base's attention, base weights and adapters frozen. Fusion and head always train."""
+    trained; lora: LoRA on the base's attention, base weights and adapters frozen; probe: base and adapters frozen.
+    Fusion and head always train."""
     if args.regime == "paper":
         model.unfreeze_base()
         model.freeze_adapter()
     elif args.regime == "adapters":
         model.freeze_base()
         model.unfreeze_adapter()
+    elif args.regime == "probe":
+        model.freeze_base()
+        model.freeze_adapter()
     else:
         model.freeze_base()
         model.freeze_adapter()
@@ -258,17 +418,22 @@ def checkpoint_problem(folder: str | os.PathLike, require_optimizer: bool = Fals
     return None
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: bool = False) -> str | None:
-    """The newest checkpoint-N folder in `output_dir` that is complete (see checkpoint_problem); incomplete newer
-    ones (a kill during a checkpoint save) are skipped, each named in the log with the reason."""
+def _checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoint-N folders in `output_dir`, by step."""
     if not os.path.isdir(output_dir):
-        return None
+        return []
     found = []
     for entry in os.scandir(output_dir):
         match = _CHECKPOINT.match(entry.name)
         if match and entry.is_dir():
             found.append((int(match.group(1)), entry.path))
-    for _, path in sorted(found, reverse=True):
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: bool = False) -> str | None:
+    """The newest checkpoint-N folder in `output_dir` that is complete (see checkpoint_problem); incomplete newer
+    ones (a kill during a checkpoint save) are skipped, each named in the log with the reason."""
+    for _, path in reversed(_checkpoints(output_dir)):
         problem = checkpoint_problem(path, require_optimizer)
         if problem is None:
             return path
@@ -277,7 +442,9 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: b
 
 
 def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
-    """Train (resuming from the last COMPLETE checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate.
+    """Train (resuming from the last COMPLETE checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate;
+    the metrics are printed and saved (train_results.json, eval_results.json, all_results.json) as in transformers'
+    example scripts.
 
     A kill at any point, during a checkpoint save included, is resumed from the newest checkpoint that is whole (the
     incomplete ones are skipped and logged); the result is the same as an uninterrupted run.
@@ -302,24 +469,27 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
             logger.info("Resuming from %s.", checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
+        train_metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
         trainer.save_state()
-        metrics.update({f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()})
+        metrics.update(train_metrics)
     if training_args.do_eval and trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    if trainer.is_world_process_zero():
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(training_args.output_dir, "all_results.json"), metrics, sort_keys=True)
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
     return metrics
 
 
-def with_feature_cache(model, features, collator, data_args: DataArguments, training_args: TrainingArguments):
-    """Pretraining: precompute the frozen base's hidden states once (data_args.feature_cache_dir) and train the
-    adapter from them every epoch; without a cache directory, the features and collator are returned as they are."""
-    if not data_args.feature_cache_dir:
+def with_feature_cache(model, features, collator, args: PretrainingArguments, training_args: TrainingArguments):
+    """Pretraining: precompute the frozen base's hidden states once (args.feature_cache_dir) and train the adapter
+    from them every epoch; without a cache directory, the features and collator are returned as they are."""
+    if not args.feature_cache_dir:
         return features, collator
     from .feature_cache import CachedFeatureCollator, build_feature_cache
 
     cache = build_feature_cache(
-        model, features, data_args.feature_cache_dir, batch_size=training_args.per_device_eval_batch_size
+        model, features, args.feature_cache_dir, batch_size=training_args.per_device_eval_batch_size
     )
     return cache.attach(features), CachedFeatureCollator(collator, cache, model=model)

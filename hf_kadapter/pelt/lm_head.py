@@ -13,8 +13,8 @@ from transformers import PreTrainedModel
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Look through wrappers that are not models themselves (DDP's `.module`, PELTModel's `.model`)."""
-    while not isinstance(model, PreTrainedModel):
+    """Look through wrappers that are not the encoder's model themselves (DDP's `.module`, PELTModel's `.model`)."""
+    while not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) == "pelt":
         inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             inner = getattr(model, "model", None)

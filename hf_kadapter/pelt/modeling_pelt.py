@@ -10,18 +10,33 @@ with no slots the output is the plain model's, bit for bit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-if TYPE_CHECKING:
-    from .table import EntityLookupTable
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, split_download_kwargs
+from ..utils.io import FolderCommit, reading_local
+from ..utils.modeling import (
+    build_inner_model,
+    config_property,
+    eval_mode,
+    keep_pretrained_weights,
+    model_init_kwargs,
+    reapply_freezing,
+    save_with_companion,
+    source_name,
+)
+from .configuration_pelt import TABLE_SUBFOLDER, PELTConfig
+from .table import EntityLookupTable
 
 Slots = torch.Tensor | Sequence[Sequence[int]] | Sequence[int] | None
 
-__all__ = ["PELTModel", "fill_mask", "pelt_inputs_embeds", "pelt_position_ids"]
+__all__ = ["PELTModel", "PELTPreTrainedModel", "fill_mask", "pelt_inputs_embeds", "pelt_position_ids"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,34 +174,83 @@ def pelt_inputs_embeds(
     return flat.reshape(embeds.shape)
 
 
-class PELTModel(nn.Module):
+class PELTPreTrainedModel(HubMixin, PreTrainedModel):
+    config_class = PELTConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # forward passes extra keywords on to the wrapped model; Trainer must still scale the loss for accumulation.
+    accepts_loss_kwargs = False
+    _hub_name = "This PELT model"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """PELT adds no parameters: the wrapped model initialises its own (transformers dispatches to it)."""
+
+
+class PELTModel(PELTPreTrainedModel):
     """A model with an entity lookup table plugged into its input: forward takes PELTTokenizer's outputs.
 
     Works for masked LMs (AutoModelForMaskedLM: BERT, RoBERTa ...), bare encoders, and K-Adapter models and heads
     (their forward takes inputs_embeds). `check=True` verifies the table was built by this model's weights
     (EntityTableMismatchError otherwise): vectors from another model are meaningless in this one's input space.
+
+    `PELTModel(model, table)` wraps a loaded model; `PELTModel(config)` (what `from_pretrained` calls) builds the
+    wrapped model from `config.wrapped_config`, and `from_pretrained` then loads its weights and the table (saved
+    beside them in `entity_table/`, or from `config.entity_table`).
     """
 
-    def __init__(self, model: nn.Module, table: EntityLookupTable, check: bool = True, norm: float | None = None):
-        super().__init__()
-        if check:
-            table.check_model(model)
+    def __init__(
+        self,
+        model: nn.Module | PELTConfig,
+        table: EntityLookupTable | None = None,
+        check: bool = True,
+        norm: float | None = None,
+    ):
+        if isinstance(model, PELTConfig):
+            config = model
+            model = build_inner_model(config.wrapped_class, config.wrapped_config, config.wrapped_init_kwargs)
+        else:
+            config = PELTConfig(
+                wrapped_config=model.config,
+                wrapped_class=type(model).__name__,
+                wrapped_init_kwargs=model_init_kwargs(model),
+                base_model_name_or_path=source_name(model),
+                norm=norm,
+                check_table=check,
+            )
+            keep_pretrained_weights(model)
+        super().__init__(config)
         self.model = model
-        self.table = table
-        self.norm = norm
-        self.train(model.training)  # a fresh nn.Module says training=True; keep the wrapped model's mode
+        self.table: EntityLookupTable | None = None
+        self.post_init()
+        if table is not None:
+            self.set_table(table, check=check)
+        self.train(model.training)  # a fresh module says training=True; keep the wrapped model's mode
 
-    @property
-    def config(self):
-        return self.model.config
+    norm = config_property()
+
+    def set_table(self, table: EntityLookupTable, check: bool | None = None) -> None:
+        """Plug `table` in; `check` (default `config.check_table`) refuses a table built by other weights."""
+        if self.config.check_table if check is None else check:
+            table.check_model(self.model)
+        self.table = table
 
     def get_input_embeddings(self) -> nn.Module:
         return _input_embeddings(self.model)
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
 
     def inputs_embeds(
         self, input_ids: torch.Tensor, entity_positions: Slots = None, entity_ids: Slots = None
     ) -> torch.Tensor:
         """The plugged input embeddings (see pelt_inputs_embeds)."""
+        if self.table is None:
+            raise ValueError(
+                "This PELTModel has no entity table: pass one (PELTModel(model, table), set_table(table)) or load "
+                "a saved PELT model with from_pretrained, which restores its table."
+            )
         return pelt_inputs_embeds(self.model, self.table, input_ids, entity_positions, entity_ids, self.norm)
 
     def forward(
@@ -225,6 +289,101 @@ class PELTModel(nn.Module):
                 inputs["position_ids"] = position_ids
         embeds = self.inputs_embeds(input_ids, entity_positions, entity_ids)
         return self.model(inputs_embeds=embeds, **inputs)
+
+    def fill_mask(self, pelt_tokenizer: Any, text: str | list[str], **kwargs: Any) -> list:
+        """`fill_mask(self, pelt_tokenizer, self.table, text, ...)`: top-k predictions at the real masks."""
+        return fill_mask(self, pelt_tokenizer, self.table, text, **kwargs)
+
+    # ----- saving and loading ----------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, save_table: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Weights and config (transformers' format) plus the table in `entity_table/` and a model card.
+
+        `save_table=None` saves the table unless `config.entity_table` says where it comes from (a Hub id or the
+        folder of a saved table: checkpoints then stay small); `save_table=False` requires that record.
+        """
+        if self.table is None and (save_table or self.config.entity_table is None):
+            raise ValueError("This PELTModel has no entity table to save: plug one in with set_table(table) first.")
+        if not kwargs.get("is_main_process", True):
+            return
+        folder = Path(save_directory)
+        # Weights, table and card as one folder commit (hf_kadapter.utils.io): never new weights beside an old table.
+        with FolderCommit(folder, stale=("model*.safetensors*", f"{TABLE_SUBFOLDER}/**")) as staging:
+            save_table = save_with_companion(
+                lambda: super(PELTModel, self).save_pretrained(staging, **kwargs),
+                self.config,
+                "entity_table",
+                save_table,
+                "entity table",
+            )
+            if save_table:
+                self.table.write_files(staging / TABLE_SUBFOLDER, folder / TABLE_SUBFOLDER)
+            if card_is_ours(folder / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        table: EntityLookupTable | None = None,
+        check_table: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Load the wrapped model's weights and its table (saved beside them, or from `config.entity_table`);
+        `table=` plugs another one in. A table from elsewhere is checked against the weights (`config.check_table`,
+        or `check_table=`); the one saved beside them is not: fine-tuning moves the weights, and they belong together.
+        """
+        with reading_local(pretrained_model_name_or_path):  # finishes an interrupted save first
+            return cls._from_pretrained(pretrained_model_name_or_path, *model_args, table=table,
+                                        check_table=check_table, **kwargs)  # fmt: skip
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, table=None, check_table=None, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        reapply_freezing(model)
+        if table is None:
+            download = split_download_kwargs(kwargs)[0]
+            source = model.config.entity_table
+            if source is None:
+                table = EntityLookupTable.from_pretrained(
+                    pretrained_model_name_or_path, subfolder=TABLE_SUBFOLDER, **download
+                )
+                # Saved together: the pair belongs together even after fine-tuning changed the model's weights.
+                check_table = False if check_table is None else check_table
+            else:
+                table = EntityLookupTable.from_pretrained(source, **download)
+        model.set_table(table, check=check_table)
+        return loaded
+
+    def _hub_base(self) -> str | None:
+        return self.config.base_model_name_or_path
+
+    def _set_hub_base(self, name: str | None) -> None:
+        self.config.base_model_name_or_path = name
+
+    def _model_card(self) -> str:
+        config = self.config
+        entities = "no table" if self.table is None else f"{len(self.table):,} entities"
+        source = "saved in `entity_table/`" if config.entity_table is None else f"loaded from `{config.entity_table}`"
+        return model_card(
+            title=f"PELT: {config.wrapped_class} with an entity lookup table",
+            library_name=LIBRARY_NAME,
+            base_model=config.base_model_name_or_path if is_hub_id(config.base_model_name_or_path) else None,
+            tags=["pelt", "entity-embeddings", LIBRARY_NAME],
+            body=(
+                f"A `{config.wrapped_class}` (base: {config.base_model_name_or_path or 'random weights'}) with a PELT "
+                f"entity lookup table plugged into its input ({entities}, {source}). Inputs come from "
+                "`hf_kadapter.PELTTokenizer`, which writes an entity slot after each linked mention."
+            ),
+            usage=(
+                "import hf_kadapter\n\n"
+                'model = hf_kadapter.PELTModel.from_pretrained("<this repo>")  # weights + entity table\n'
+                "# inputs: hf_kadapter.PELTTokenizer(tokenizer, model.table)(text, entities=..., return_tensors='pt')"
+            ),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,17 +429,13 @@ def fill_mask(
     kwargs = {
         key: encoding[key].to(device) for key in ("attention_mask", "token_type_ids") if encoding.get(key) is not None
     }
-    was_training = plugged.model.training
-    plugged.model.eval()  # no dropout while predicting; the caller's mode is restored below
-    try:
+    with eval_mode(plugged):  # no dropout while predicting; the caller's mode comes back afterwards
         output = plugged(
             input_ids.to(device),
             entity_positions=None if positions is None else torch.as_tensor(positions),
             entity_ids=None if ids is None else torch.as_tensor(ids),
             **kwargs,
         )
-    finally:
-        plugged.model.train(was_training)
     logits = output.logits if hasattr(output, "logits") else output[0]
     if logits.dim() != 3:
         raise TypeError(

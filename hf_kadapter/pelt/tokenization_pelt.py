@@ -15,7 +15,6 @@ the text is tokenized again, until every group is either whole or entirely cut a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from typing import Any
 from transformers import AutoTokenizer, BatchEncoding
 from transformers.utils import TensorType, cached_file
 
-from ..utils.io import FolderCommit, read_json, reading_folder
+from ..utils.io import FolderCommit, read_json, reading_local
 
 __all__ = ["AliasLinker", "PELTEncoding", "PELTTokenizer", "PELT_TOKENIZER_CONFIG_NAME"]
 
@@ -563,8 +562,7 @@ class PELTTokenizer:
         """Load the wrapped tokenizer with AutoTokenizer (keyword arguments pass through) and the slot token from
         pelt_tokenizer_config.json when present (else the mask token); a saved plain-list vocabulary is used
         unless `entity_vocab` is given."""
-        local = os.path.isdir(pretrained_model_name_or_path)
-        with reading_folder(pretrained_model_name_or_path) if local else contextlib.nullcontext():
+        with reading_local(pretrained_model_name_or_path):
             return cls._from_pretrained(pretrained_model_name_or_path, entity_vocab, linker, **kwargs)
 
     @classmethod

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, model_card, resolve_folder, split_download_kwargs
 from ..utils.io import DamagedFileError, FolderCommit, load_safetensors, read_json, reading_folder
 
 BACKENDS = ("exact", "faiss")
@@ -122,7 +123,7 @@ def exact_topk(
     return torch.cat(all_scores), torch.cat(all_rows)
 
 
-class DocumentIndex:
+class DocumentIndex(HubMixin):
     """Document ids + embeddings with exact (torch) or approximate (faiss) inner-product search.
 
     Args:
@@ -467,10 +468,13 @@ class DocumentIndex:
         the folder the index was loaded from works.
         """
         with FolderCommit(save_directory, stale=_OWN_OPTIONAL) as staging:
-            self.write_files(staging, save_documents=save_documents)
+            self.write_files(staging, save_documents=save_documents, final_directory=save_directory)
 
-    def write_files(self, folder: str | os.PathLike, save_documents: bool = True) -> None:
-        """Write the index's files into `folder` directly (a commit's staging folder)."""
+    def write_files(
+        self, folder: str | os.PathLike, save_documents: bool = True, final_directory: str | os.PathLike | None = None
+    ) -> None:
+        """Write the index's files into `folder` directly (a commit's staging folder); the card is written unless
+        `final_directory` holds a README.md by someone else."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"embeddings": self.embeddings.detach().cpu().contiguous(), "keys": self._keys.contiguous()}
@@ -481,16 +485,47 @@ class DocumentIndex:
             (folder / FAISS_NAME).write_bytes(faiss.serialize_index(self._get_faiss()).tobytes())
         if self.documents is not None and save_documents:
             self.documents.save_to_disk(str(folder / DOCUMENTS_DIR))
+        if card_is_ours(Path(final_directory or folder) / "README.md"):
+            (folder / "README.md").write_text(self._model_card(), encoding="utf-8")
         (folder / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2), encoding="utf-8")
+
+    _hub_name = "This DocumentIndex"
+
+    def _model_card(self) -> str:
+        search = (
+            "exact inner-product search (torch)" if self.backend == "exact" else f"faiss {self.faiss_index.upper()}"
+        )
+        return model_card(
+            title="Document index (REALM-style retrieval)",
+            library_name=LIBRARY_NAME,
+            base_model=None,
+            tags=["retrieval", "document-index", LIBRARY_NAME],
+            body=(
+                f"{len(self):,} documents embedded in {self.dim} dimensions, searched by {search}. Files: "
+                f"`{IDS_NAME}` (document ids), `{EMBEDDINGS_NAME}`"
+                + (f", `{FAISS_NAME}` (faiss's own format)" if self.backend == "faiss" else "")
+                + (", `documents/` (a datasets.Dataset)" if self.documents is not None else "")
+                + "; nothing is pickled."
+            ),
+            usage=(
+                "from hf_kadapter import DocumentIndex\n\n"
+                'index = DocumentIndex.from_pretrained("<this repo>")\n'
+                "scores, rows = index.search(query_embeddings, k=10)\n"
+                "doc_ids = index.ids_at(rows)"
+            ),
+        )
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, device: str | torch.device | None = None, **overrides: Any
     ) -> DocumentIndex:
-        """Load a folder written by `save_pretrained`; `overrides` change search settings (e.g. nprobe).
+        """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first).
 
-        Any interrupted save in the folder is finished first; damaged or inconsistent files are named."""
-        folder = Path(directory)
+        `overrides` change search settings (e.g. nprobe); Hub options (revision, token, cache_dir,
+        local_files_only, force_download) are passed to the download. Any interrupted save in a local folder is
+        finished first; damaged or inconsistent files are named."""
+        download, overrides = split_download_kwargs(overrides)
+        folder = resolve_folder(directory, what="DocumentIndex", **download)
         with reading_folder(folder):
             return cls._load(folder, device, overrides)
 

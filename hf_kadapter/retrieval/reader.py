@@ -16,10 +16,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
+from ..utils.io import FolderCommit, reading_local
+from ..utils.modeling import (
+    build_inner_model,
+    config_property,
+    default_linear_init,
+    eval_mode,
+    keep_pretrained_weights,
+    model_init_kwargs,
+    reapply_freezing,
+    source_name,
+)
+from .configuration_reader import OpenQAReaderConfig
 
 NEG_INF = -1e9
 
@@ -33,41 +50,134 @@ def _hidden_size(encoder: nn.Module) -> int:
 
 
 @dataclass
-class ReaderOutput:
-    """span_logits: [B, k, L, W] joint logits S(s, s + w, z) + f(x, z) (NEG_INF where the span is invalid).
+class ReaderOutput(ModelOutput):
+    """loss: the marginal loss (None without `answer_mask`).
 
-    loss: the marginal loss (None without `answer_mask`); has_answer: [B] bool, examples with a correct span.
+    span_logits: [B, k, L, W] joint logits S(s, s + w, z) + f(x, z) (NEG_INF where the span is invalid).
+    has_answer: [B] bool, examples with a correct span (with `answer_mask`).
     """
 
-    span_logits: torch.Tensor
     loss: torch.Tensor | None = None
+    span_logits: torch.Tensor | None = None
     has_answer: torch.Tensor | None = None
 
 
-class OpenQAReader(nn.Module):
+class OpenQAReaderPreTrainedModel(HubMixin, PreTrainedModel):
+    config_class = OpenQAReaderConfig
+    base_model_prefix = "encoder"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    accepts_loss_kwargs = False
+    _hub_name = "This OpenQAReader"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The span scorer starts from PyTorch's Linear init; the encoder initialises (or loads) its own weights."""
+        default_linear_init(module)
+
+
+class OpenQAReader(OpenQAReaderPreTrainedModel):
     """Span reader over k documents per question; `encoder(input_ids=..., inputs_embeds=...)` -> last_hidden_state.
 
+    `OpenQAReader(encoder, span_hidden_size=256, max_span_width=10)` wraps a loaded encoder (any BERT-like model or
+    a K-Adapter model); `OpenQAReader(config)` (what `from_pretrained` calls) builds it from `config.encoder_config`.
     detach_retrieval: when False (default) the loss also trains the retriever through f(x, z).
     """
 
+    max_span_width = config_property()
+    use_retrieval_score = config_property()
+    detach_retrieval = config_property()
+
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: nn.Module | OpenQAReaderConfig,
         span_hidden_size: int = 256,
         max_span_width: int = 10,
         use_retrieval_score: bool = True,
         detach_retrieval: bool = False,
     ):
-        super().__init__()
+        if isinstance(encoder, OpenQAReaderConfig):
+            config = encoder
+            encoder = build_inner_model(config.encoder_class, config.encoder_config, config.encoder_init_kwargs)
+        else:
+            config = OpenQAReaderConfig(
+                encoder_config=encoder.config,
+                encoder_class=type(encoder).__name__,
+                encoder_init_kwargs=model_init_kwargs(encoder),
+                encoder_name_or_path=source_name(encoder),
+                span_hidden_size=span_hidden_size,
+                max_span_width=max_span_width,
+                use_retrieval_score=use_retrieval_score,
+                detach_retrieval=detach_retrieval,
+            )
+            keep_pretrained_weights(encoder)
+        super().__init__(config)
         self.encoder = encoder
         hidden = _hidden_size(encoder)
-        self.max_span_width = max_span_width
-        self.use_retrieval_score = use_retrieval_score
-        self.detach_retrieval = detach_retrieval
         # MLP([h_s; h_e]) = w . relu(A h_s + B h_e + b) + c, computed per width without materialising all pairs.
-        self.start_projection = nn.Linear(hidden, span_hidden_size)
-        self.end_projection = nn.Linear(hidden, span_hidden_size, bias=False)
-        self.span_output = nn.Linear(span_hidden_size, 1)
+        self.start_projection = nn.Linear(hidden, config.span_hidden_size)
+        self.end_projection = nn.Linear(hidden, config.span_hidden_size, bias=False)
+        self.span_output = nn.Linear(config.span_hidden_size, 1)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished."""
+        with reading_local(pretrained_model_name_or_path):
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        reapply_freezing(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> None:
+        """transformers' save (encoder and span scorer in one safetensors file) plus a model card, as one folder
+        commit (hf_kadapter.utils.io): a kill never leaves new weights beside an old config."""
+        if not kwargs.get("is_main_process", True):
+            return
+        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+            super().save_pretrained(staging, **kwargs)
+            if card_is_ours(Path(save_directory) / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+
+    def _hub_base(self) -> str | None:
+        return self.config.encoder_name_or_path
+
+    def _set_hub_base(self, name: str | None) -> None:
+        self.config.encoder_name_or_path = name
+
+    def _model_card(self) -> str:
+        config = self.config
+        return model_card(
+            title="Open-domain QA reader (REALM / ORQA span scorer)",
+            library_name=LIBRARY_NAME,
+            base_model=config.encoder_name_or_path if is_hub_id(config.encoder_name_or_path) else None,
+            tags=["question-answering", "open-domain-qa", "realm", LIBRARY_NAME],
+            body=(
+                f'A `{config.encoder_class}` reads "[CLS] question [SEP] document [SEP]" for each retrieved document; '
+                f"every span of at most {config.max_span_width} tokens is scored by an MLP (hidden "
+                f"{config.span_hidden_size}) over its start and end states"
+                + (", plus the retrieval score f(x, z)" if config.use_retrieval_score else "")
+                + ". All spans of all documents share one softmax."
+            ),
+            usage=(
+                "from hf_kadapter import OpenQAReader, RealmStyleRetriever\n\n"
+                'reader = OpenQAReader.from_pretrained("<this repo>")\n'
+                'retriever = RealmStyleRetriever.from_pretrained("<a retriever repo>")\n'
+                'answer, doc_id, score = reader.ask("a question", retriever, retriever.tokenizer)'
+            ),
+        )
+
+    def predict(
+        self, questions: Sequence[str], retriever: Any, tokenizer: Any, k: int = 5, max_length: int = 288
+    ) -> list[tuple[str, str | None, float]]:
+        """`predict(questions, retriever, self, tokenizer, k)`: (answer, document id, joint logit) per question."""
+        return predict(questions, retriever, self, tokenizer, k=k, max_length=max_length)
+
+    def ask(self, question: str, retriever: Any, tokenizer: Any, k: int = 5) -> tuple[str, Any, float]:
+        """`ask(question, retriever, self, tokenizer, k)`: retrieve, read, return the best span."""
+        return ask(question, retriever, self, tokenizer, k=k)
 
     def span_scores(self, hidden: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
         """hidden [N, L, H], doc_mask [N, L] -> [N, L, W] scores of span (s, s + w); NEG_INF if invalid."""
@@ -124,16 +234,16 @@ class OpenQAReader(nn.Module):
                 rs = torch.where(docs_ok, rs, torch.zeros_like(rs)).to(logits.dtype)
                 logits = logits + rs[:, :, None, None]
         logits = torch.where(docs_ok[:, :, None, None] & (logits > NEG_INF / 2), logits, logits.new_tensor(NEG_INF))
-        output = ReaderOutput(span_logits=logits)
-        if answer_mask is not None:
-            if tuple(answer_mask.shape) != tuple(logits.shape):
-                raise ValueError(
-                    f"answer_mask has shape {tuple(answer_mask.shape)} but the reader scores spans of shape "
-                    f"{tuple(logits.shape)} (batch, k, length, max_span_width={self.max_span_width}): build the "
-                    "inputs with prepare_reader_inputs(..., max_span_width=reader.max_span_width)."
-                )
-            output.loss, output.has_answer = marginal_loss(logits, answer_mask, on_missing=on_missing)
-        return output
+        if answer_mask is None:
+            return ReaderOutput(span_logits=logits)
+        if tuple(answer_mask.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"answer_mask has shape {tuple(answer_mask.shape)} but the reader scores spans of shape "
+                f"{tuple(logits.shape)} (batch, k, length, max_span_width={self.max_span_width}): build the "
+                "inputs with prepare_reader_inputs(..., max_span_width=reader.max_span_width)."
+            )
+        loss, has_answer = marginal_loss(logits, answer_mask, on_missing=on_missing)
+        return ReaderOutput(loss=loss, span_logits=logits, has_answer=has_answer)
 
 
 def marginal_loss(
@@ -262,13 +372,15 @@ def predict(
     max_length: int = 288,
 ) -> list[tuple[str, str | None, float]]:
     """(answer text, document id, joint logit) per question: retrieve top-k, read, take the best span."""
-    retrieval = retriever.retrieve(list(questions), k=k)
-    inputs = prepare_reader_inputs(
-        tokenizer, questions, retrieval.texts, max_length=max_length, max_span_width=reader.max_span_width
-    )
-    device = next(reader.parameters()).device
-    inputs = {key: value.to(device) for key, value in inputs.items()}
-    out = reader(**inputs, retrieval_scores=retrieval.scores.to(device))
+    # No dropout while answering (one question must get one answer); the caller's modes come back afterwards.
+    with eval_mode(reader, getattr(retriever, "embedder", None)):
+        retrieval = retriever.retrieve(list(questions), k=k)
+        inputs = prepare_reader_inputs(
+            tokenizer, questions, retrieval.texts, max_length=max_length, max_span_width=reader.max_span_width
+        )
+        device = next(reader.parameters()).device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        out = reader(**inputs, retrieval_scores=retrieval.scores.to(device))
     answers = []
     for b, (doc, start, end, score) in enumerate(best_spans(out.span_logits)):
         text = span_text(tokenizer, inputs["input_ids"][b, doc], start, end)
@@ -305,6 +417,7 @@ def evaluate_open_qa(
 
 __all__ = [
     "OpenQAReader",
+    "OpenQAReaderPreTrainedModel",
     "ReaderOutput",
     "ask",
     "best_spans",

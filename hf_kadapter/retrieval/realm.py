@@ -14,21 +14,45 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.utils import ModelOutput
+
+from ..utils.hub import (
+    LIBRARY_NAME,
+    HubMixin,
+    card_is_ours,
+    is_hub_id,
+    model_card,
+    resolve_folder,
+    split_download_kwargs,
+)
+from ..utils.io import FolderCommit, reading_local
+from ..utils.modeling import (
+    build_inner_model,
+    config_property,
+    keep_pretrained_weights,
+    reapply_freezing,
+    save_with_companion,
+    source_name,
+)
+from .configuration_realm import RETRIEVER_SUBFOLDER, RealmKnowledgeAugmentedMLMConfig
 
 __all__ = [
     "IndexRefreshCallback",
     "RealmKnowledgeAugmentedMLM",
+    "RealmMLMOutput",
     "SalientSpanMask",
     "ict_examples",
     "ict_loss",
@@ -198,38 +222,15 @@ def salient_span_mlm_batch(
 ) -> dict[str, torch.Tensor]:
     """Tokenise `texts` and mask the tokens of one salient span per text (MLM inputs for REALM pretraining).
 
-    Needs a fast tokenizer (offset mappings). Every token overlapping the chosen span becomes the mask token and
-    keeps its id as label; other labels are -100. A text without a salient span gets one random non-special token
-    masked instead (so every example has a target). Returns input_ids, attention_mask, labels (and token_type_ids
-    when the tokenizer gives them)."""
-    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
-    encoded = tokenizer(
-        list(texts),
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-        return_tensors="pt",
-    )
-    offsets = encoded.pop("offset_mapping")
-    special = encoded.pop("special_tokens_mask").bool() | ~encoded["attention_mask"].bool()
-    input_ids = encoded["input_ids"].clone()
-    labels = torch.full_like(input_ids, -100)
-    for row, text in enumerate(texts):
-        chosen = salient_span_mask(text, nlp=nlp, seed=rng, use_spacy=use_spacy).spans
-        starts, ends = offsets[row, :, 0], offsets[row, :, 1]
-        selected = torch.zeros_like(special[row])
-        for start, end, _ in chosen:
-            selected |= (starts < end) & (ends > start) & ~special[row]
-        if not bool(selected.any()):
-            candidates = (~special[row]).nonzero().flatten().tolist()
-            if not candidates:
-                continue
-            selected[rng.choice(candidates)] = True
-        labels[row, selected] = input_ids[row, selected]
-        input_ids[row, selected] = tokenizer.mask_token_id
-    return {**dict(encoded), "input_ids": input_ids, "labels": labels}
+    The same as `RealmSalientSpanCollator(tokenizer, seed)(salient_span_features(texts, tokenizer, ...))`: needs a
+    fast tokenizer (offset mappings); every token overlapping the chosen span becomes the mask token and keeps its
+    id as label (-100 elsewhere); a text without a salient span gets one random non-special token masked instead.
+    Returns input_ids, attention_mask, labels."""
+    from .collator import RealmSalientSpanCollator, salient_span_features
+
+    features = salient_span_features(texts, tokenizer, nlp=nlp, max_length=max_length, use_spacy=use_spacy)
+    rows = [dict(zip(features, values, strict=True)) for values in zip(*features.values(), strict=True)]
+    return RealmSalientSpanCollator(tokenizer, seed=seed)(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,23 +317,97 @@ def _concat_query_document(
     return out_ids, out_mask, out_types
 
 
-class RealmKnowledgeAugmentedMLM(nn.Module):
+@dataclass
+class RealmMLMOutput(ModelOutput):
+    """loss: -mean log p(y|x).
+
+    marginal_log_likelihood: [B] log sum_z p(y|z,x) p(z|x).
+    retrieval_logits: [B, k] f(x, z) of the candidates (k + 1 with the null document).
+    reader_log_probs: [B, k] log p(y|z,x).
+    predicted_token_ids: [B, Lq] the marginal prediction argmax_t sum_z p(z|x) p(t|z,x) at each masked position
+        (-100 elsewhere).
+    doc_ids: B lists of the candidates' ids (not a tensor: Trainer leaves it out of predictions).
+    """
+
+    loss: torch.Tensor | None = None
+    marginal_log_likelihood: torch.Tensor | None = None
+    retrieval_logits: torch.Tensor | None = None
+    reader_log_probs: torch.Tensor | None = None
+    predicted_token_ids: torch.Tensor | None = None
+    doc_ids: list[list[str | None]] | None = None
+
+
+class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
     """REALM pretraining: retrieve top-k documents for a (salient-span) masked query, let a masked LM read
     [query ; document] for each, and minimise -log sum_z p(y|z,x) p(z|x).
 
     `mlm` is any *ForMaskedLM sharing the retriever tokenizer's vocabulary. p(y|z,x) is the product over the masked
     positions (labels != -100) of the MLM's token probabilities. The retrieval scores come from
     `retriever.retrieve(..., rescore=True)`, so gradients reach the query and document encoders through p(z|x).
+
+    `RealmKnowledgeAugmentedMLM(mlm, retriever, k=8)` wraps loaded parts; the weights of the masked LM and of the
+    retriever's embedder (`self.embedder`, the retriever's own) are the model's parameters, and `save_pretrained`
+    writes them plus the retriever's tokenizer, index and documents (`retriever/`), so `from_pretrained` restores a
+    working model. Batches come from `RealmSalientSpanCollator`.
     """
 
-    def __init__(self, mlm: nn.Module, retriever: Any, k: int = 8, add_null: bool = True, doc_max_length: int = 64):
-        super().__init__()
+    config_class = RealmKnowledgeAugmentedMLMConfig
+    base_model_prefix = "mlm"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    accepts_loss_kwargs = False
+    _hub_name = "This RealmKnowledgeAugmentedMLM"
+
+    k = config_property()
+    add_null = config_property()
+    doc_max_length = config_property()
+
+    def __init__(
+        self,
+        mlm: nn.Module | RealmKnowledgeAugmentedMLMConfig,
+        retriever: Any = None,
+        k: int = 8,
+        add_null: bool = True,
+        doc_max_length: int = 64,
+    ):
+        if isinstance(mlm, RealmKnowledgeAugmentedMLMConfig):
+            config = mlm
+            mlm = build_inner_model(config.mlm_class, config.mlm_config, None)
+            embedder = build_inner_model(config.embedder_class, config.embedder_config, None)
+        else:
+            if retriever is None:
+                raise ValueError("RealmKnowledgeAugmentedMLM(mlm, retriever, ...) needs the retriever.")
+            embedder = retriever.embedder
+            config = RealmKnowledgeAugmentedMLMConfig(
+                mlm_config=mlm.config,
+                mlm_class=type(mlm).__name__,
+                mlm_name_or_path=source_name(mlm),
+                embedder_config=embedder.config,
+                embedder_class=type(embedder).__name__,
+                k=k,
+                add_null=add_null,
+                doc_max_length=doc_max_length,
+            )
+            keep_pretrained_weights(mlm)
+            keep_pretrained_weights(embedder)
+        super().__init__(config)
         self.mlm = mlm
+        self.embedder = embedder  # the retriever's: registered so optimisers, .to() and checkpoints see it
         self.retriever = retriever
-        self.embedder = retriever.embedder  # registered so optimisers and .to() see it
-        self.k = k
-        self.add_null = add_null
-        self.doc_max_length = doc_max_length
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No parameters of its own: the masked LM and the embedder initialise (or load) theirs."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mlm.get_input_embeddings()
+
+    def set_retriever(self, retriever: Any) -> None:
+        """Attach a retriever; its embedder becomes this model's (weights included)."""
+        if retriever.embedder is not self.embedder:
+            retriever.embedder = self.embedder
+        self.retriever = retriever
 
     def forward(
         self,
@@ -342,11 +417,21 @@ class RealmKnowledgeAugmentedMLM(nn.Module):
         exclude_ids: Sequence[Sequence[str]] | None = None,
         query_input_ids: torch.Tensor | None = None,
         query_attention_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
+        salient_spans: Any = None,
+        return_dict: bool | None = None,
+    ) -> RealmMLMOutput | tuple:
         """input_ids/attention_mask/labels: the masked query for the reader (labels -100 except masked tokens).
         query_input_ids: what the retriever embeds (defaults to input_ids: REALM embeds the masked query).
+        exclude_ids: per query, document ids never retrieved (REALM excludes the query's own document).
+        salient_spans: the column RealmSalientSpanCollator masks from; named here so that Trainer's default
+        `remove_unused_columns=True` keeps it for the collator. It is not used by the forward.
         The reader input is [query tokens ; document tokens without [CLS]] (token types 0/1 when the MLM has a type
         vocabulary); Lq + Ld must fit the MLM's max positions (set doc_max_length accordingly)."""
+        if self.retriever is None:
+            raise ValueError(
+                "This RealmKnowledgeAugmentedMLM has no retriever: attach one with set_retriever(retriever), or load "
+                "a saved model with from_pretrained, which restores it."
+            )
         query = {
             "input_ids": input_ids if query_input_ids is None else query_input_ids,
             "attention_mask": attention_mask if query_attention_mask is None else query_attention_mask,
@@ -376,13 +461,119 @@ class RealmKnowledgeAugmentedMLM(nn.Module):
         picked = log_probs.gather(-1, flat_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         reader_log_probs = (picked * (flat_labels != -100)).sum(-1).view(batch, k)
         mll = realm_marginal_log_likelihood(retrieved.scores, reader_log_probs, retrieved.mask)
-        return {
-            "loss": -mll.mean(),
-            "marginal_log_likelihood": mll,
-            "retrieval_logits": retrieved.scores,
-            "reader_log_probs": reader_log_probs,
-            "doc_ids": retrieved.doc_ids,
-        }
+        output = RealmMLMOutput(
+            loss=-mll.mean(),
+            marginal_log_likelihood=mll,
+            retrieval_logits=retrieved.scores,
+            reader_log_probs=reader_log_probs,
+            predicted_token_ids=self._marginal_predictions(log_probs.view(batch, k, total, -1), retrieved, labels),
+            doc_ids=retrieved.doc_ids,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @torch.no_grad()
+    def _marginal_predictions(self, log_probs: torch.Tensor, retrieved: Any, labels: torch.Tensor) -> torch.Tensor:
+        """[B, Lq] argmax over the vocabulary of p(token | x) = sum_z p(z | x) p(token | z, x) at each masked
+        position (-100 elsewhere): what the model predicts for the masked span, marginalised over documents."""
+        selected = labels != -100
+        predicted = torch.full_like(labels, -100)
+        if not bool(selected.any()):
+            return predicted
+        scores = retrieved.scores.float().masked_fill(~retrieved.mask, float("-inf"))
+        log_prior = torch.log_softmax(scores, dim=-1)  # [B, k]
+        rows, columns = selected.nonzero(as_tuple=True)
+        token = log_probs[rows, :, columns]  # [N, k, V]
+        marginal = torch.logsumexp(log_prior[rows][:, :, None] + token, dim=1)
+        predicted[rows, columns] = marginal.argmax(-1)
+        return predicted
+
+    # ----- saving and loading ----------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, save_retriever: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Masked LM + embedder weights and config (transformers' format), the retriever's tokenizer, index and
+        documents in `retriever/` (its embedder is not saved twice) and a model card.
+
+        `save_retriever=None` saves the retriever unless `config.retriever` says where it comes from (a Hub id or
+        the folder of a saved RealmStyleRetriever: Trainer checkpoints then skip the index and documents).
+        """
+        if self.retriever is None and (save_retriever or self.config.retriever is None):
+            raise ValueError("This model has no retriever to save: attach one with set_retriever(retriever) first.")
+        if not kwargs.get("is_main_process", True):
+            return
+        folder = Path(save_directory)
+        # Weights, retriever and card as one folder commit (hf_kadapter.utils.io).
+        with FolderCommit(folder, stale=("model*.safetensors*", f"{RETRIEVER_SUBFOLDER}/**")) as staging:
+            save_retriever = save_with_companion(
+                lambda: super(RealmKnowledgeAugmentedMLM, self).save_pretrained(staging, **kwargs),
+                self.config,
+                "retriever",
+                save_retriever,
+                "retriever",
+            )
+            if save_retriever:
+                self.retriever.save_pretrained(staging / RETRIEVER_SUBFOLDER, save_embedder=False)
+            if card_is_ours(folder / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        retriever: Any = None,
+        **kwargs: Any,
+    ):
+        """Load the weights and the retriever (saved beside them, or from `config.retriever`); `retriever=` attaches
+        another one (its embedder is replaced by the loaded one)."""
+        with reading_local(pretrained_model_name_or_path):  # finishes an interrupted save first
+            return cls._from_pretrained(pretrained_model_name_or_path, *model_args, retriever=retriever, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, retriever=None, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        reapply_freezing(model)
+        if retriever is None:
+            from .retriever import RealmStyleRetriever
+
+            download = split_download_kwargs(kwargs)[0]
+            source = model.config.retriever
+            folder = (
+                resolve_folder(pretrained_model_name_or_path, RETRIEVER_SUBFOLDER, what="model's retriever", **download)
+                if source is None
+                else source
+            )
+            retriever = RealmStyleRetriever.from_pretrained(folder, embedder=model.embedder, **download)
+        model.set_retriever(retriever)
+        return loaded
+
+    def _hub_base(self) -> str | None:
+        return self.config.mlm_name_or_path
+
+    def _set_hub_base(self, name: str | None) -> None:
+        self.config.mlm_name_or_path = name
+
+    def _model_card(self) -> str:
+        config = self.config
+        return model_card(
+            title="REALM knowledge-augmented masked LM",
+            library_name=LIBRARY_NAME,
+            base_model=config.mlm_name_or_path if is_hub_id(config.mlm_name_or_path) else None,
+            tags=["realm", "retrieval-augmented", "fill-mask", LIBRARY_NAME],
+            body=(
+                f"A `{config.mlm_class}` reads [query ; document] for each of the top-{config.k} retrieved documents"
+                + (" (plus the null document)" if config.add_null else "")
+                + "; trained with REALM's marginal likelihood -log sum_z p(y|z,x) p(z|x), so the retriever's "
+                "embedder (weights saved here) learns from the masked-LM loss. The retriever's tokenizer, index and "
+                "documents are in `retriever/`."
+            ),
+            usage=(
+                "from hf_kadapter import RealmKnowledgeAugmentedMLM\n\n"
+                'model = RealmKnowledgeAugmentedMLM.from_pretrained("<this repo>")  # masked LM + retriever\n'
+                "retriever = model.retriever"
+            ),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils.fingerprint import native_fingerprint
-from ..utils.hub import push_folder_to_hub
+from ..utils.hub import (
+    LIBRARY_NAME,
+    HubMixin,
+    card_is_ours,
+    is_hub_id,
+    model_card,
+    resolve_folder,
+    split_download_kwargs,
+)
 from ..utils.io import (
     FolderCommit,
     build_lock,
@@ -144,7 +152,7 @@ def check_corpus(dataset: Any) -> str:
     return "xxh3:" + digest.hexdigest()
 
 
-class RealmStyleRetriever:
+class RealmStyleRetriever(HubMixin):
     """Args:
     embedder: a module with `embed_queries(input_ids, attention_mask, token_type_ids=None) -> [B, D]` and
         `embed_documents(...) -> [B, D]` (e.g. `RetrieverEmbedder`).
@@ -535,17 +543,22 @@ class RealmStyleRetriever:
     __call__ = retrieve
 
     # ----- persistence -------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """embedder/ (save_pretrained), tokenizer in embedder/, index/ (DocumentIndex), documents/ (save_to_disk) and
-        retriever_config.json, as one folder commit: a reader sees the previous save or this one, never a mix, and
-        saving into the folder the retriever was loaded from works (its memory-mapped documents stay valid)."""
-        stale = ("embedder/**", f"{INDEX_DIR}/**", "documents/**")
-        with FolderCommit(save_directory, stale=stale) as staging:
-            self.embedder.save_pretrained(str(staging / "embedder"))
+    _hub_name = "This RealmStyleRetriever"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, save_embedder: bool = True) -> None:
+        """embedder/ (save_pretrained, with the tokenizer), index/ (DocumentIndex), documents/ (save_to_disk), a model
+        card and retriever_config.json, as one folder commit: a reader sees the previous save or this one, never a
+        mix, and saving into the folder the retriever was loaded from works (its memory-mapped documents stay valid).
+        `save_embedder=False` leaves the embedder's weights out (a model that holds the embedder itself, like
+        RealmKnowledgeAugmentedMLM, saves them once); `from_pretrained` then needs `embedder=`."""
+        target = Path(save_directory)
+        with FolderCommit(target, stale=("embedder/**", f"{INDEX_DIR}/**", "documents/**")) as staging:
+            if save_embedder:
+                self.embedder.save_pretrained(str(staging / "embedder"))
             if hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(str(staging / "embedder"))
             if self.index is not None:
-                self.index.write_files(staging / INDEX_DIR, save_documents=False)
+                self.index.write_files(staging / INDEX_DIR, save_documents=False, final_directory=target / INDEX_DIR)
             if self.documents is not None:
                 documents = self.documents
                 if not hasattr(documents, "save_to_disk"):
@@ -553,52 +566,83 @@ class RealmStyleRetriever:
 
                     documents = Dataset.from_list(list(documents))
                 documents.save_to_disk(str(staging / "documents"))
-            config = {"has_index": self.index is not None, "has_documents": self.documents is not None}
+            if card_is_ours(target / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+            config = {
+                "has_index": self.index is not None,
+                "has_documents": self.documents is not None,
+                "has_embedder": save_embedder,
+            }
             (staging / RETRIEVER_CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str = "Upload RealmStyleRetriever",
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ):
-        """save_pretrained into a temporary folder and upload it (creating the repo if needed)."""
-        return push_folder_to_hub(
-            self.save_pretrained,
-            repo_id,
-            commit_message=commit_message,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
+    def _hub_base(self) -> str | None:
+        return getattr(getattr(self.embedder, "config", None), "encoder_name_or_path", None)
+
+    def _set_hub_base(self, name: str | None) -> None:
+        self.embedder.config.encoder_name_or_path = name
+
+    def _model_card(self) -> str:
+        size = "no index" if self.index is None else f"an index of {len(self.index):,} documents"
+        base = self._hub_base()
+        return model_card(
+            title="REALM-style retriever",
+            library_name=LIBRARY_NAME,
+            base_model=base if is_hub_id(base) else None,
+            tags=["retrieval", "realm", "dense-retrieval", LIBRARY_NAME],
+            body=(
+                f"A dense retriever: the embedder (`embedder/`, with its tokenizer), {size} (`index/`) and the "
+                "documents (`documents/`, a datasets.Dataset with id, title, text). `retrieve` re-embeds the "
+                "candidates with the current embedder, so scores stay fresh (and trainable) under a stale index."
+            ),
+            usage=(
+                "from hf_kadapter import RealmStyleRetriever\n\n"
+                'retriever = RealmStyleRetriever.from_pretrained("<this repo>")\n'
+                'found = retriever.retrieve(["a question"], k=5)\n'
+                "print(found.doc_ids, found.titles)"
+            ),
         )
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, embedder_class: Any = None, device: str | torch.device | None = None
+        cls,
+        directory: str | os.PathLike,
+        embedder_class: Any = None,
+        device: str | torch.device | None = None,
+        embedder: nn.Module | None = None,
+        **download_kwargs: Any,
     ) -> RealmStyleRetriever:
-        """Load a folder written by save_pretrained (any interrupted save in it is finished first)."""
-        folder = Path(directory)
+        """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first); any
+        interrupted save in a local folder is finished first.
+
+        `embedder=` reuses an embedder instead of loading `embedder/` (needed when it was saved without it);
+        `embedder_class` defaults to AutoModel. Hub options (revision, token, ...) go to the download.
+        """
+        download, unknown = split_download_kwargs(download_kwargs)
+        if unknown:
+            raise TypeError(f"Unexpected arguments {sorted(unknown)}.")
+        folder = resolve_folder(directory, what="RealmStyleRetriever", **download)
         with reading_folder(folder):
-            return cls._load(folder, embedder_class, device)
+            return cls._load(folder, directory, embedder_class, device, embedder)
 
     @classmethod
-    def _load(cls, folder: Path, embedder_class: Any, device: str | torch.device | None) -> RealmStyleRetriever:
+    def _load(cls, folder: Path, directory: Any, embedder_class: Any, device: Any, embedder: Any) -> RealmStyleRetriever:
         if not (folder / RETRIEVER_CONFIG_NAME).is_file():
             raise FileNotFoundError(
-                f"{folder} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}); save one with "
+                f"{directory} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}); save one with "
                 "RealmStyleRetriever.save_pretrained."
             )
         config = read_json(folder / RETRIEVER_CONFIG_NAME)
-        if embedder_class is None:
-            from transformers import AutoModel
+        if embedder is None:
+            if not config.get("has_embedder", True):
+                raise ValueError(
+                    f"{directory} was saved without the embedder's weights (save_embedder=False): pass the embedder "
+                    "it was saved with, from_pretrained(folder, embedder=...)."
+                )
+            if embedder_class is None:
+                from transformers import AutoModel
 
-            embedder_class = AutoModel
-        embedder = embedder_class.from_pretrained(str(folder / "embedder"))
+                embedder_class = AutoModel
+            embedder = embedder_class.from_pretrained(str(folder / "embedder"))
         if device is not None:
             embedder = embedder.to(device)
         from transformers import AutoTokenizer
@@ -611,6 +655,6 @@ class RealmStyleRetriever:
             documents = load_from_disk(str(folder / "documents"))
         index = None
         if config.get("has_index"):
-            index = DocumentIndex.from_pretrained(folder / "index", device=device)
+            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, device=device)
             index.documents = documents
         return cls(embedder, tokenizer, index=index, documents=documents)

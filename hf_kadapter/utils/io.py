@@ -114,6 +114,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         yield stream
         stream.flush()
         os.fsync(stream.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file must be readable like any other
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
@@ -122,6 +123,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
     finally:
         stream.close()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
@@ -374,10 +381,19 @@ def recover_folder(folder: str | os.PathLike) -> None:
                 "it once with write access to finish the save, or copy the folder somewhere writable."
             )
         return
-    with _flock(folder, exclusive=True):
-        for record in _records(folder):
-            _apply_record(folder, record)
-        _clean_stagings(folder)
+    if _records(folder):
+        with _flock(folder, exclusive=True):
+            for record in _records(folder):
+                _apply_record(folder, record)
+            _clean_stagings(folder)
+        return
+    # Only leftovers of dead writers (or a live writer's staging): clean them when the folder is free, never wait
+    # (a reader of this folder in this very process holds its shared lock, and would deadlock on its own).
+    try:
+        with _flock(folder, exclusive=True, blocking=False):
+            _clean_stagings(folder)
+    except BlockingIOError:
+        pass
 
 
 @contextmanager
@@ -394,6 +410,13 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[None]:
                 yield
                 return
         # A writer died between our recovery and our lock: recover again.
+
+
+def reading_local(name_or_path: str | os.PathLike | None) -> contextlib.AbstractContextManager:
+    """reading_folder for a local folder; nothing for a Hub repo id (the Hub cache is never written partially)."""
+    if name_or_path is not None and os.path.isdir(name_or_path):
+        return reading_folder(name_or_path)
+    return contextlib.nullcontext()
 
 
 class FolderCommit:
@@ -473,6 +496,7 @@ __all__ = [
     "load_safetensors",
     "read_json",
     "reading_folder",
+    "reading_local",
     "recover_folder",
     "safetensors_bytes",
     "safetensors_problem",

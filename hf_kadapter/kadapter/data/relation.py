@@ -116,12 +116,13 @@ def load_factual(
     """Load the official T-REx relation-classification records used to pretrain the factual adapter.
 
     Each record: `token` (words), inclusive word spans `subj_start`/`subj_end`/`obj_start`/`obj_end` and a
-    `relation` id (e.g. "P31"); `docid`, `subj_label`, `obj_label` are kept when present. With `label2id`, an
+    `relation` id (e.g. "P31"); `id`, `docid`, `subj_label`, `obj_label` are kept when present (so rows dropped by
+    a later `on_error="skip"` step can be told apart). With `label2id`, an
     unknown relation is a record error (so dev data cannot silently hold labels the model has no output for).
     """
     return load_records(
         path,
-        _pair_validator(label2id, ("docid", "subj_label", "obj_label")),
+        _pair_validator(label2id, ("id", "docid", "subj_label", "obj_label")),
         on_error=on_error,
         report=report,
     )
@@ -193,6 +194,7 @@ def _entity_validator(
         ):
             report.note("entity spans splitting a word (split there)")
         return {
+            "id": _optional_str(record, "id"),
             "sent": sentence,
             "start": start,
             "end": end,
@@ -216,7 +218,7 @@ def load_entity_typing(
     `end` (exclusive) of the mention, `labels` (a list of type strings).
 
     The sentence is split on whitespace, with the mention boundaries as extra split points, into `token`
-    plus the inclusive word span `ent_start`/`ent_end`; `sent`/`start`/`end` are kept. Words (not characters)
+    plus the inclusive word span `ent_start`/`ent_end`; `sent`/`start`/`end` and `id` (when present) are kept. Words (not characters)
     make the markers tokenizer-independent and reuse the relation path; a boundary inside a word is noted
     in the report. An empty `labels` list is allowed (an all-zero target) and noted.
     """

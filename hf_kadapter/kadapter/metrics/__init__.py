@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS",
     "accuracy_compute_metrics",
+    "argmax_logits",
     "entity_typing_compute_metrics",
     "load_metric",
     "metric_path",
@@ -114,16 +115,32 @@ def relation_compute_metrics(no_relation_id: int) -> Callable[[EvalPrediction], 
     return compute_metrics
 
 
+def argmax_logits(logits: Any, labels: Any = None) -> Any:
+    """`preprocess_logits_for_metrics` for heads with per-token logits: keep the arg-max ids, not the logits.
+
+    Why: Trainer joins evaluation batches by padding their second axis (with -100); the dependency head's logits
+    are (batch, L, L), so batches of other lengths differ in two axes and cannot be joined (and would keep L x L
+    floats per example). The ids are (batch, L), padded like the labels; `accuracy_compute_metrics` reads them.
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
 def accuracy_compute_metrics(ignore_index: int = -100) -> Callable[[EvalPrediction], dict[str, float]]:
     """`compute_metrics` for classification and multiple choice: accuracy of the arg-max over the last axis.
 
     Works for (examples, labels) and (examples, choices) logits, and for token-level logits too: predictions
-    and labels are flattened and positions labelled `ignore_index` (padding, -100) are left out.
+    and labels are flattened and positions labelled `ignore_index` (padding, -100) are left out. Predictions that
+    are already ids (integers, e.g. from `argmax_logits`) are used as they are.
     """
     metric = load_metric("accuracy", keep_in_memory=True)
 
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-        predictions = _first(eval_pred.predictions).argmax(axis=-1).reshape(-1)
+        predictions = _first(eval_pred.predictions)
+        if not np.issubdtype(predictions.dtype, np.integer):
+            predictions = predictions.argmax(axis=-1)
+        predictions = predictions.reshape(-1)
         references = _first(eval_pred.label_ids).reshape(-1)
         if predictions.shape != references.shape:
             raise ValueError(f"{predictions.size} arg-max predictions for {references.size} labels")
