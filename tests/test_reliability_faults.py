@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, tiny_adapter
+from conftest import DOCS as CHAR_DOCS
+from conftest import char_tokenizer, make_model, tiny_adapter, tiny_bert_config
 from datasets import Dataset
 from faults import KILLED, Tally, boundaries, fault_hook, leftovers, random_delays, run_child, snapshot
 from test_kadapter_feature_cache import factual, toy_dataset
 from test_pelt_build import CORPUS, bert_tokenizer, tiny_bert
 from test_recipes import FIXTURES, recipe_base  # noqa: F401 (a fixture)
 from test_retrieval_retriever import DOCS, make_embedder, tiny_tokenizer
-from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModel, AutoTokenizer, BertForMaskedLM, BertModel, Trainer, TrainingArguments
 from transformers.trainer_callback import TrainerState
 
 import hf_kadapter as hk
@@ -31,8 +32,14 @@ import hf_kadapter.utils.io as shared_io
 from hf_kadapter.kadapter.data import KAdapterDataCollator, build_label_vocab, load_factual, preprocess_factual
 from hf_kadapter.kadapter.feature_cache import build_feature_cache
 from hf_kadapter.kadapter.recipes import PretrainingArguments, build_pretraining_model, run
-from hf_kadapter.pelt import EntityLookupTable, PELTTokenizer, build_entity_table
-from hf_kadapter.retrieval import DocumentIndex, RealmStyleRetriever
+from hf_kadapter.pelt import EntityLookupTable, PELTModel, PELTTokenizer, build_entity_table
+from hf_kadapter.retrieval import (
+    DocumentIndex,
+    OpenQAReader,
+    RealmKnowledgeAugmentedMLM,
+    RealmStyleRetriever,
+    RetrieverEmbedder,
+)
 from hf_kadapter.utils.io import recover_folder
 
 TALLY = Tally("faults")
@@ -285,6 +292,35 @@ def test_indexes_and_retrievers_show_the_old_or_the_new_save(tmp_path):
     grown.add_documents([{"id": d, "title": t, "text": x} for d, t, x in DOCS[4:]], max_length=32)
     _old_or_new("retriever", retriever.save_pretrained, grown.save_pretrained, RealmStyleRetriever.from_pretrained,
                 tmp_path, every=False)  # fmt: skip
+
+
+def test_composite_models_show_the_old_or_the_new_save(tmp_path):
+    """PELTModel (weights + entity_table/), OpenQAReader and RealmKnowledgeAugmentedMLM (weights + retriever/)."""
+    tokenizer = char_tokenizer(tmp_path / "chars")
+    corpus = [{"text": t, "mentions": [{"char_start": 0, "char_end": len(t.split()[0]), "entity_id": e}]}
+              for t, e in (("paris is in france.", "Q90"), ("rome is in italy.", "Q220"))]  # fmt: skip
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(tiny_bert_config())
+    table = build_entity_table(mlm, tokenizer, corpus, progress=False)
+    old, new = PELTModel(copy.deepcopy(mlm), table), PELTModel(copy.deepcopy(mlm), table)
+    with torch.no_grad():
+        next(new.parameters()).add_(1.0)
+    new.set_table(build_entity_table(mlm, tokenizer, corpus * 2, progress=False), check=False)
+    _old_or_new("pelt_model", old.save_pretrained, new.save_pretrained, PELTModel.from_pretrained, tmp_path,
+                every=False)  # fmt: skip
+
+    encoder = BertModel(tiny_bert_config(num_hidden_layers=2), add_pooling_layer=False)
+    readers = [OpenQAReader(copy.deepcopy(encoder), max_span_width=3) for _ in range(2)]
+    _old_or_new("reader", readers[0].save_pretrained, readers[1].save_pretrained, OpenQAReader.from_pretrained,
+                tmp_path, every=False)  # fmt: skip
+
+    embedder = RetrieverEmbedder.from_encoder(BertModel(tiny_bert_config(), add_pooling_layer=False), projection_dim=8)
+    retriever = RealmStyleRetriever(embedder, tokenizer)
+    retriever.build_index([{"id": d, "title": t, "text": x} for d, t, x in CHAR_DOCS], max_length=24, progress=False)
+    models = [RealmKnowledgeAugmentedMLM(BertForMaskedLM(tiny_bert_config()), retriever, k=2, doc_max_length=24)
+              for _ in range(2)]  # fmt: skip
+    _old_or_new("realm_mlm", models[0].save_pretrained, models[1].save_pretrained,
+                RealmKnowledgeAugmentedMLM.from_pretrained, tmp_path, every=False)  # fmt: skip
 
 
 def test_saving_a_loaded_retriever_into_its_own_folder(tmp_path):
