@@ -422,3 +422,22 @@ def test_recovery_finishes_a_commit_whose_writer_died(tmp_path):
     assert contents() == [b"1", b"2"]  # a mix, on disk, until someone opens the folder
     recover_folder(tmp_path)
     assert contents() == [b"2", b"2"] and not leftovers(tmp_path)
+
+
+def test_commits_and_recovery_never_touch_foreign_files(tmp_path):
+    foreign = {
+        "checkpoint-1/model.safetensors": b"a Trainer checkpoint",  # matches a stale pattern, one level down
+        "notes.json": b"{}",
+        ".editor.tmp": b"someone else's temporary file",
+        "model_card_draft.md": b"mine",
+    }
+    for relative, data in foreign.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(data)
+    for weights in ("model-00001-of-00002.safetensors", "model.safetensors"):
+        with shared_io.FolderCommit(tmp_path, stale=("model*.safetensors*",)) as staging:
+            (staging / weights).write_bytes(b"ours")
+    recover_folder(tmp_path)
+    assert {relative: (tmp_path / relative).read_bytes() for relative in foreign} == foreign
+    assert not (tmp_path / "model-00001-of-00002.safetensors").exists()  # ours, stale once model.safetensors came
+    assert (tmp_path / "model.safetensors").read_bytes() == b"ours" and leftovers(tmp_path) == [".editor.tmp"]

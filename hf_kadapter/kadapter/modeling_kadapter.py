@@ -310,8 +310,14 @@ def _apply_record(folder: Path, record_path: Path) -> None:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_write's temporary files in `folder` and its direct subfolders (a build's partial/ for instance)."""
-    return sorted(p for pattern in (".*.tmp", "*/.*.tmp") for p in folder.glob(pattern) if p.is_file())
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
+    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    return sorted(
+        p
+        for pattern in (".*-????????.tmp", "*/.*-????????.tmp")
+        for p in folder.glob(pattern)
+        if p.is_file() and all(c.isalnum() or c == "_" for c in p.name[-12:-4])
+    )
 
 
 def _clean_stagings(folder: Path) -> None:
