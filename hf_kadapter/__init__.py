@@ -160,6 +160,14 @@ _LAZY = {
         "load_metric",
         "relation_compute_metrics",
     ),
+    # Converters from the original projects' checkpoints: imported on first use, so that their command lines
+    # (`python -m hf_kadapter.kadapter.convert_original ...`) do not import their own module twice.
+    "hf_kadapter.kadapter.convert_original": ("convert_kadapter_original",),
+    "hf_kadapter.retrieval.convert_realm_v4": (
+        "convert_realm_v4_embedder",
+        "convert_realm_v4_encoder",
+        "convert_realm_v4_reader",
+    ),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

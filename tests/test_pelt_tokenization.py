@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,14 @@ def bert_tokenizer(folder: Path) -> BertTokenizer:
     return BertTokenizer(vocab=str(path))
 
 
-def roberta_tokenizer(folder: Path, **kwargs) -> RobertaTokenizer:
+def roberta_tokenizer(folder: Path, extra_pieces: tuple[str, ...] = (), **kwargs) -> RobertaTokenizer:
     """A byte-level BPE with hand-written merges (so the expected subwords are exact), add_prefix_space=False
     as RoBERTa checkpoints ship."""
     vocab = {token: i for i, token in enumerate(ROBERTA_SPECIALS)}
     for char in sorted(ByteLevel.alphabet()):
         vocab.setdefault(char, len(vocab))
     merges: list[str] = []
-    for piece in ROBERTA_PIECES:
+    for piece in [*ROBERTA_PIECES, *extra_pieces]:
         current = piece[0]
         for char in piece[1:]:
             if f"{current} {char}" not in merges:
@@ -163,6 +164,87 @@ def test_custom_slot_token_and_bad_slot(tmp_path):
     assert enc["entity_positions"] == [5]
     with pytest.raises(ValueError, match="not a single token"):
         PELTTokenizer(bert_tokenizer(tmp_path), slot_token="<slot>")
+
+
+# ----- offsets, words and characters on the caller's text ---------------------------------------------------------
+def test_offsets_words_and_chars_refer_to_the_original_text(tokenizer):
+    """Tokens of the text keep their offsets and words in the ORIGINAL text; inserted tokens are like specials."""
+    pelt = PELTTokenizer(tokenizer, ENTITY_VOCAB)
+    enc = pelt(SENTENCE, entities=[OBAMA, HONOLULU], return_offsets_mapping=True)
+    plain = tokenizer(SENTENCE, return_offsets_mapping=True)
+    inserted = {p + d for p in enc["entity_positions"] for d in (-1, 0, 1)}
+    kept = [t for t in range(len(enc["input_ids"])) if t not in inserted]
+    # without the inserted tokens, the encoding is the plain one of the original text, offsets and words included
+    assert [enc["input_ids"][t] for t in kept] == plain["input_ids"]
+    assert [enc["offset_mapping"][t] for t in kept] == plain["offset_mapping"]
+    assert [enc.word_ids()[t] for t in kept] == plain.word_ids()
+    for t in inserted:
+        assert enc["offset_mapping"][t] == (0, 0) and enc.word_ids()[t] is None and enc.token_to_chars(t) is None
+    for c in range(len(SENTENCE)):
+        assert enc.char_to_token(c) == (None if plain.char_to_token(c) is None else kept[plain.char_to_token(c)])
+        assert enc.char_to_word(c) == plain.char_to_word(c)
+    for word in range(max(w for w in plain.word_ids() if w is not None) + 1):
+        assert enc.word_to_chars(word) == plain.word_to_chars(word)
+        first, last = plain.word_to_tokens(word)
+        assert tuple(enc.word_to_tokens(word)) == (kept[first], kept[last - 1] + 1)
+    assert enc.char_to_token(len(SENTENCE)) is None and enc.char_to_token(-1) is None
+
+
+def test_label_spans_on_the_original_text_land_on_the_right_tokens(tokenizer):
+    """NER-style alignment: spans given on the caller's text, labels set through char_to_token, in a pair and a
+    left-padded batch."""
+    pelt = PELTTokenizer(tokenizer, ENTITY_VOCAB)
+    spans = {"PER": (0, 12), "LOC": (25, 33)}  # "Barack Obama", "Honolulu"
+    enc = pelt(["He visited Paris.", SENTENCE], [PAIR, PAIR], entities=[None, [OBAMA, HONOLULU]],
+               entities_pair=[[PARIS], [FRANCE]], padding=True, padding_side="left")  # fmt: skip
+    tokens_of = {}
+    for label, (start, end) in spans.items():
+        tokens_of[label] = sorted({enc.char_to_token(1, c) for c in range(start, end)} - {None})
+    words = tokens(pelt, enc["input_ids"][1])
+    assert [words[t] for t in tokens_of["PER"]] in (["bar", "##ack", "obama"], ["Bar", "ack", "ĠObama"])
+    assert [words[t] for t in tokens_of["LOC"]] in (["hon", "##olu", "##lu"], ["ĠHon", "olulu"])
+    # the slots sit right after the labelled tokens, and are labelled nothing
+    assert enc["entity_positions"][1][:2] == [tokens_of["PER"][-1] + 2, tokens_of["LOC"][-1] + 2]
+    france = enc.char_to_token(1, 24, sequence_index=1)
+    assert words[france].lstrip("Ġ").lower() == "france" and enc["entity_positions"][1][2] == france + 2
+    assert enc.token_to_chars(1, france) == (24, 30)
+
+
+def test_a_token_mixing_inserted_and_original_characters_keeps_the_original_ones(tmp_path):
+    """Byte-level BPE pre-tokenizes " )." as one unit; with a "Ġ)." merge the group's ")" and the sentence's "."
+    are one token: it maps to the "." (and its word stays), and the group still counts as whole."""
+    tokenizer = roberta_tokenizer(tmp_path, extra_pieces=("Ġ).",))
+    pelt = PELTTokenizer(tokenizer, ENTITY_VOCAB)
+    enc = pelt(SENTENCE, entities=[HONOLULU], return_offsets_mapping=True)
+    toks = tokens(pelt, enc["input_ids"])
+    assert toks[-4:] == ["Ġ(", "<mask>", "Ġ).", "</s>"] and enc["entity_positions"] == [len(toks) - 3]
+    assert enc["offset_mapping"][-2] == (33, 34) and enc.char_to_token(33) == len(toks) - 2
+    plain = tokenizer(SENTENCE)
+    assert enc.word_ids()[-2] == plain.word_ids()[-2] == 6
+    assert enc.word_to_tokens(6) == (len(toks) - 2, len(toks) - 1)
+
+
+def test_offsets_under_truncation_and_as_tensors(tokenizer):
+    pelt = PELTTokenizer(tokenizer, ENTITY_VOCAB)
+    enc = pelt([SENTENCE, PAIR], entities=[[OBAMA, HONOLULU], [PARIS, FRANCE]], truncation=True, max_length=9,
+               padding="max_length", return_offsets_mapping=True, return_tensors="pt")  # fmt: skip
+    assert enc["offset_mapping"].shape == (2, 9, 2)
+    for b, text in enumerate([SENTENCE, PAIR]):
+        for t, (start, end) in enumerate(enc["offset_mapping"][b].tolist()):
+            if enc.word_ids(b)[t] is not None:
+                assert 0 <= start < end <= len(text)
+                assert enc.char_to_token(b, start) == t
+                token = pelt.convert_ids_to_tokens(int(enc["input_ids"][b, t]))
+                assert token.removeprefix("##").removeprefix("Ġ").lower() == text[start:end].lower()
+    assert enc["offset_mapping"][0, 3].tolist() == [7, 12]  # "Obama", slot group after it
+
+
+def test_encoding_pickles_with_its_mapping(bert):
+    pelt = PELTTokenizer(bert, ENTITY_VOCAB)
+    enc = pelt(SENTENCE, entities=[OBAMA])
+    restored = pickle.loads(pickle.dumps(enc))
+    assert restored.word_ids() == enc.word_ids() and restored.char_to_token(13) == enc.char_to_token(13) == 7
+    assert restored.encodings[0].rewritten_texts == ("Barack Obama ([MASK] ) was born in Honolulu.",)
 
 
 # ----- pairs and batches -----------------------------------------------------------------------------------------
@@ -306,6 +388,17 @@ def test_truncation_pairs_every_cut_point(tokenizer, truncation):
     assert checked >= 5
 
 
+def test_truncation_cannot_borrow_the_closing_parenthesis_of_the_pair(roberta):
+    """Without special tokens the first sequence's last token touches the pair's first: a pair starting with " )"
+    must not complete a group whose own ")" was truncated away."""
+    pelt = PELTTokenizer(roberta, ENTITY_VOCAB)
+    call = dict(add_special_tokens=False, truncation="only_first", max_length=8)  # 5 tokens for the first text
+    enc = pelt("Barack Obama", " ) Paris", entities=[{"char_start": 0, "char_end": 12, "entity_id": "Q76"}], **call)
+    assert tokens(pelt, enc["input_ids"])[3] == "Ġ)" and enc.token_to_sequence(3) == 1  # the pair's ")"
+    assert enc["entity_positions"] == [] and enc.truncated_entities == 1
+    assert enc["input_ids"] == roberta("Barack Obama", " ) Paris", **call)["input_ids"]  # group dropped, text kept
+
+
 def test_truncated_batch_as_tensors(tokenizer):
     pelt = PELTTokenizer(tokenizer, ENTITY_VOCAB)
     enc = pelt([SENTENCE, PAIR], entities=[[OBAMA, HONOLULU], [PARIS, FRANCE]], truncation=True, max_length=9,
@@ -416,6 +509,31 @@ def test_linker_names_beat_aliases_and_from_table(bert):
     assert dict(linked) == dict(explicit) and linked["entity_ids"] == [1, 2]
     pair = pelt(SENTENCE, PAIR, link=True)
     assert pair["entity_ids"] == [1, 2, 0]
+
+
+def test_link_with_nothing_to_link_warns(bert):
+    nameless = FakeTable(["Q90", "Q76"], [None, None], [[], []], counts=[1, 1])
+    pelt = PELTTokenizer(bert, nameless)
+    with pytest.warns(UserWarning, match="nothing is linked"):
+        enc = pelt(SENTENCE, link=True)
+    assert enc["entity_positions"] == []
+    with pytest.warns(UserWarning, match="no names or aliases"):
+        PELTTokenizer(bert, ENTITY_VOCAB, linker=AliasLinker({}))([SENTENCE], link=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pelt(SENTENCE)  # no link=True: nothing to say
+        PELTTokenizer(bert, ENTITY_VOCAB, linker=AliasLinker({"Q76": ["Obama"]}))(SENTENCE, link=True)
+
+
+def test_table_linker_sees_entities_added_later(bert):
+    table = FakeTable(["Q76"], ["Barack Obama"], [[]], counts=[1])
+    pelt = PELTTokenizer(bert, table)
+    assert pelt(SENTENCE, link=True)["entity_ids"] == [0]
+    table.entity_ids.append("Q18094")
+    table.names.append("Honolulu")
+    table.aliases.append([])
+    table.counts = torch.tensor([1, 1])
+    assert pelt(SENTENCE, link=True)["entity_ids"] == [0, 1]
 
 
 # ----- passthroughs and persistence ----------------------------------------------------------------------------------

@@ -153,6 +153,8 @@ def train_small(
     seed: int,
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.0,
+    max_steps: int = -1,
+    callbacks: list[Any] | None = None,
 ) -> list[tuple[int, float]]:
     """Train with the standard Trainer (no checkpoints, no reporting) and return the logged (step, loss) curve."""
     from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: PLC0415
@@ -165,7 +167,8 @@ def train_small(
         weight_decay=weight_decay,
         warmup_steps=warmup_ratio,
         lr_scheduler_type="linear",
-        logging_steps=max(1, int(len(train_dataset) * epochs / batch_size / 20)),
+        max_steps=max_steps,
+        logging_steps=max(1, (max_steps if max_steps > 0 else int(len(train_dataset) * epochs / batch_size)) // 20),
         save_strategy="no",
         report_to=[],
         seed=seed,
@@ -174,7 +177,9 @@ def train_small(
         use_cpu=True,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks or None
+    )
     trainer.remove_callback(PrinterCallback)  # the benchmark reports its own progress
     trainer.train()
     return [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
@@ -199,6 +204,46 @@ def predict_batches(
     return np.concatenate(parts) if parts else np.zeros((0,))
 
 
+class LinearProbe(torch.nn.Module):
+    """A multi-label linear probe over frozen features (what a frozen model's representation makes readable)."""
+
+    def __init__(self, in_features: int, num_labels: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, num_labels)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        logits = self.linear(features)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return {"loss": loss, "logits": logits}
+
+    @staticmethod
+    def rows(features: torch.Tensor, labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return [{"features": features[i], "labels": labels[i]} for i in range(len(labels))]
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        return self(features)["logits"]
+
+
+@torch.no_grad()
+def encode_frozen(model: torch.nn.Module, rows: list[dict[str, Any]], collate: Callable, batch_size: int = 256):
+    """[N, 2H] features of a frozen model: its last hidden state at [CLS] and mean-pooled over the real tokens."""
+    model.eval()
+    parts = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size])
+        batch.pop("labels", None)
+        out = model(**batch, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        parts.append(torch.cat([hidden[:, 0], mean], dim=-1).float())
+    return torch.cat(parts)
+
+
 def quiet_transformers() -> None:
     """The benchmark prints its own progress; transformers' per-run banners would drown it."""
     import datasets  # noqa: PLC0415
@@ -210,4 +255,13 @@ def quiet_transformers() -> None:
     logging.getLogger("hf_kadapter").setLevel(logging.WARNING)
 
 
-__all__ = ["ExperimentResult", "GainSpec", "UnitStore", "predict_batches", "seed_everything", "train_small"]
+__all__ = [
+    "ExperimentResult",
+    "GainSpec",
+    "LinearProbe",
+    "UnitStore",
+    "encode_frozen",
+    "predict_batches",
+    "seed_everything",
+    "train_small",
+]

@@ -7,8 +7,8 @@ Protocol:
    The held-out entities enter as a NEW DOMAIN: the table is first built for the training-side entities, the
    held-out entities' vectors are built separately and added with `add_entities`. Each seed samples its own
    occurrences (`max_occurrences`), so the knowledge source varies with the seed too.
-2. Downstream: typing an entity from its NAME (fine-tuned masked LM encoder + a multi-label head), on held-out
-   entities. Conditions: the name alone; the name + a plain mask in the slot (" ( [MASK] )", no vector); the name +
+2. Downstream: typing an entity from its NAME, on held-out entities: the masked LM stays frozen (its vectors live in
+   its own input space) and a linear multi-label probe reads its [CLS] and mean-pooled last hidden states. Conditions: the name alone; the name + a plain mask in the slot (" ( [MASK] )", no vector); the name +
    a slot holding a vector from a SHUFFLED table (another entity's vector); the name + its PELT slot.
 3. Gains, paired by seed: PELT − shuffled table and PELT − mask slot; the control shuffled − name-only must sit at
    zero.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import ExperimentResult, GainSpec, UnitStore, seed_everything, train_small
+from .core import ExperimentResult, GainSpec, LinearProbe, UnitStore, encode_frozen, seed_everything, train_small
 from .wordnet import COARSE_TYPES, read_table, suite_manifest
 
 CONDITIONS = {
@@ -42,12 +42,12 @@ class PELTSettings:
     seeds: list[int]
     eval_split: str = "test"
     max_occurrences: int = 16
-    leave_out_own: str = "eval"  # whose own definition is left out of the corpus: "eval", "all" or "none"
+    leave_out_own: str = "all"  # whose own definition is left out of the corpus: "all", "eval" or "none"
     train_limit: int | None = None
     eval_limit: int | None = None
-    epochs: float = 10.0
-    learning_rate: float = 3e-4
-    batch_size: int = 32
+    epochs: float = 20.0
+    learning_rate: float = 3e-3
+    batch_size: int = 128
     max_length: int = 24
     table_max_length: int = 64
     norm: float = 7.0
@@ -99,7 +99,7 @@ def _shuffled(table: Any, seed: int) -> Any:
 def run_pelt(
     settings: PELTSettings, suite_dir: Path, workdir: Path, progress: Callable[[str], None] = print
 ) -> ExperimentResult:
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: PLC0415
 
     from ..pelt import PELTModel, PELTTokenizer, build_entity_table  # noqa: PLC0415
 
@@ -178,29 +178,19 @@ def run_pelt(
             ) -> dict[str, Any]:
                 plugged_table = shuffled if condition == "shuffled_table" else table
                 pelt = PELTTokenizer(tokenizer, plugged_table)
-                rows = {
-                    split: [
-                        {**_entity_inputs(names[e], e, condition, tokenizer, pelt, settings.max_length), "labels": y}
-                        for e, y in zip(ids, ys, strict=True)
-                    ]
-                    for split, ids, ys in (("train", train, train_targets), ("eval", evaluation, eval_targets))
-                }
+                plugged = PELTModel(mlm, plugged_table)  # checks the table was built by this very model
+                features = {}
+                for split, ids in (("train", train), ("eval", evaluation)):
+                    rows = [_entity_inputs(names[e], e, condition, tokenizer, pelt, settings.max_length) for e in ids]
+                    features[split] = encode_frozen(plugged, rows, collate)
                 seed_everything(seed)
-                classifier = AutoModelForSequenceClassification.from_pretrained(
-                    settings.mlm, num_labels=len(type2id), problem_type="multi_label_classification"
-                )
-                model = PELTModel(classifier, plugged_table, check=False)
-                curve = train_small(model, rows["train"], collate, output_dir=workdir / "trainer", seed=seed,
-                                    epochs=settings.epochs, learning_rate=settings.learning_rate,
-                                    batch_size=settings.batch_size, warmup_ratio=0.06)  # fmt: skip
-                model.eval()
-                logits = []
-                with torch.no_grad():
-                    for start in range(0, len(rows["eval"]), 256):
-                        batch = collate(rows["eval"][start : start + 256])
-                        batch.pop("labels")
-                        logits.append(model(**batch).logits)
-                return {"curve": curve, "logits": torch.cat(logits).numpy().round(4).tolist()}
+                probe = LinearProbe(features["train"].shape[-1], len(type2id))
+                curve = train_small(probe, probe.rows(features["train"], torch.tensor(train_targets)), None,
+                                    output_dir=workdir / "trainer", seed=seed, epochs=settings.epochs,
+                                    learning_rate=settings.learning_rate, batch_size=settings.batch_size,
+                                    warmup_ratio=0.06)  # fmt: skip
+                logits = probe.predict(features["eval"])
+                return {"curve": curve, "logits": logits.numpy().round(4).tolist()}
 
             with result.phase("downstream typing"):
                 outcome = units.get_or_run(f"typing/{condition}/seed{seed}", downstream)

@@ -227,9 +227,9 @@ def run_realm(
                 rows = eval_rows[start : start + 16]
                 batch = collate(rows)
                 out = model(**batch)
-                if isinstance(out, dict):  # the knowledge-augmented MLM
-                    nll += (-out["marginal_log_likelihood"]).tolist()
-                    predicted = out["predicted_token_ids"]
+                if getattr(out, "marginal_log_likelihood", None) is not None:  # the knowledge-augmented MLM
+                    nll += (-out.marginal_log_likelihood).tolist()
+                    predicted = out.predicted_token_ids
                 else:  # a plain masked LM
                     log_probs = torch.log_softmax(out.logits.float(), -1)
                     labels = batch["labels"]

@@ -11,6 +11,16 @@ what the wrapped tokenizer gives for the rewritten string: no hand-assembled sub
 the tokenizer's own normalisation, pre-tokenization or BPE merges. Truncation is left to the tokenizer too; a slot
 group that truncation would cut in half is removed from the rewritten string (its mention stays as plain text) and
 the text is tokenized again, until every group is either whole or entirely cut away.
+
+Character and word methods speak the CALLER's text, not the rewritten one: `offset_mapping`, `word_ids()`,
+`char_to_token()`, `token_to_chars()` ... of the returned encoding are mapped back through the inserted groups
+(`OriginalTextEncoding`), so a span or label aligned on the original text lands on the right tokens. Tokens made
+only of inserted characters (the " (", slot and " )" of a group) map like special tokens: offsets (0, 0), word id
+None, no characters; a token that mixes inserted and original characters (byte-level BPE can merge " )" with a
+following "." into one token) maps to its original characters only.
+
+Cost: the slots are located by bisection over the token offsets (tokens are ordered by character), so the hook
+is linear in text length and in the number of mentions; the mapping back is computed lazily, when asked for.
 """
 
 from __future__ import annotations
@@ -18,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +40,7 @@ from transformers.utils import TensorType, cached_file
 
 from ..utils.io import FolderCommit, read_json, reading_local
 
-__all__ = ["AliasLinker", "PELTEncoding", "PELTTokenizer", "PELT_TOKENIZER_CONFIG_NAME"]
+__all__ = ["AliasLinker", "OriginalTextEncoding", "PELTEncoding", "PELTTokenizer", "PELT_TOKENIZER_CONFIG_NAME"]
 
 PELT_TOKENIZER_CONFIG_NAME = "pelt_tokenizer_config.json"
 _FORMAT_VERSION = 1
@@ -45,6 +57,7 @@ _DOWNLOAD_KWARGS = (
 # Word-level units for the linker: runs of word characters, or single punctuation characters. Whitespace never
 # belongs to a unit, so a match always starts and ends at a word boundary.
 _WORD = re.compile(r"\w+|[^\w\s]")
+_END = itemgetter(1)
 
 
 # ----- linker ----------------------------------------------------------------------------------------------------
@@ -160,17 +173,297 @@ class PELTEncoding(BatchEncoding):
         self.truncated_entities = state.get("truncated_entities", 0)
 
 
-@dataclass
-class _Group:
-    """One slot group to insert after a mention; char spans are filled in by rendering (rewritten text)."""
+class OriginalTextEncoding:
+    """One example's encoding whose character and word methods refer to the caller's ORIGINAL text.
 
-    mention_end: int
-    row: int
-    entity_id: str
-    start: int = -1  # the space before "("
-    slot_start: int = -1
-    slot_end: int = -1
-    end: int = -1  # one past ")"
+    The hook tokenizes a rewritten text (slot groups inserted); this wraps that `tokenizers.Encoding` (kept as
+    `rewritten`, with the strings in `rewritten_texts`) and maps offsets, word ids and character lookups back
+    through the insertions. It has the interface `BatchEncoding` delegates to (`offsets`, `word_ids`,
+    `char_to_token`, `token_to_chars`, `char_to_word`, `word_to_tokens`, `word_to_chars`, ...), so
+    `encoding.char_to_token(i)` or `encoding.word_ids(b)` on the hook's output just work.
+
+    Inserted tokens (a group's " (", slot and " )") get offsets (0, 0) and word id None, as special tokens do:
+    label-alignment code that skips special tokens skips them too, and `char_to_token` never returns them.
+    Words are the wrapped tokenizer's words of the rewritten text with the inserted-only ones removed, so their
+    indices count the original text's words; a mention ending inside a word (``Obama|care``) splits that word in
+    two. The mapping is computed on first use and cached.
+    """
+
+    def __init__(
+        self,
+        rewritten: Any,
+        groups: list[_Groups],
+        size: int,
+        text_lengths: list[int],
+        rewritten_texts: tuple[str, ...],
+        rewritten_offsets: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.rewritten = rewritten
+        self.rewritten_texts = rewritten_texts
+        self._insertions = [side.ends for side in groups]  # per side: original position of each group, in order
+        self._size = size  # characters per group
+        self._text_lengths = text_lengths  # per side, of the original text
+        self._rewritten_offsets = rewritten_offsets
+        self._starts: list[list[int]] = []  # per side: [start, end) of each group in the rewritten text
+        self._ends: list[list[int]] = []
+        self._offsets: list[tuple[int, int]] | None = None
+        self._word_ids: list[int | None] | None = None
+        self._dropped: list[list[int]] = []  # per side: rewritten word ids made only of inserted tokens
+        self._touched: list[list[tuple[int, int, list[bool]]]] = []  # per side and group: tokens touching it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_offsets", "_word_ids", "_dropped", "_touched")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _offsets=None, _word_ids=None, _dropped=[], _touched=[])
+
+    # -- passthroughs (unchanged by the insertions) --
+    @property
+    def ids(self) -> list[int]:
+        return self.rewritten.ids
+
+    @property
+    def type_ids(self) -> list[int]:
+        return self.rewritten.type_ids
+
+    @property
+    def attention_mask(self) -> list[int]:
+        return self.rewritten.attention_mask
+
+    @property
+    def special_tokens_mask(self) -> list[int]:
+        return self.rewritten.special_tokens_mask
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.rewritten.tokens
+
+    @property
+    def sequence_ids(self) -> list[int | None]:
+        return self.rewritten.sequence_ids
+
+    @property
+    def n_sequences(self) -> int:
+        return self.rewritten.n_sequences
+
+    @property
+    def overflowing(self) -> list[Any]:
+        return self.rewritten.overflowing
+
+    def __len__(self) -> int:
+        return len(self.rewritten)
+
+    def __repr__(self) -> str:
+        return f"OriginalTextEncoding(num_tokens={len(self)}, groups={[len(side) for side in self._insertions]})"
+
+    def token_to_sequence(self, token_index: int) -> int | None:
+        return self.rewritten.token_to_sequence(token_index)
+
+    # -- mapped --
+    @property
+    def offsets(self) -> list[tuple[int, int]]:
+        """Per token (start, end) in the original text of its sequence; (0, 0) for special and inserted tokens."""
+        if self._offsets is None:
+            self._remap_offsets()
+        return self._offsets
+
+    @property
+    def word_ids(self) -> list[int | None]:
+        """Per token its word in the original text; None for special and inserted tokens."""
+        if self._word_ids is None:
+            self._remap_words()
+        return self._word_ids
+
+    words = word_ids
+
+    def token_to_word(self, token_index: int) -> int | None:
+        return self.word_ids[token_index]
+
+    def token_to_chars(self, token_index: int) -> tuple[int, int] | None:
+        """(start, end) in the original text, or None for special and inserted tokens."""
+        if self.rewritten.token_to_sequence(token_index) is None or self.word_ids[token_index] is None:
+            return None
+        return self.offsets[token_index]
+
+    def char_to_token(self, char_pos: int, sequence_index: int = 0) -> int | None:
+        """The token covering character `char_pos` of the original text (never an inserted token)."""
+        position = self._to_rewritten(char_pos, sequence_index)
+        return None if position is None else self.rewritten.char_to_token(position, sequence_index)
+
+    def char_to_word(self, char_pos: int, sequence_index: int = 0) -> int | None:
+        position = self._to_rewritten(char_pos, sequence_index)
+        if position is None:
+            return None
+        word = self.rewritten.char_to_word(position, sequence_index)
+        if word is None:
+            return None
+        self.word_ids  # noqa: B018  (computes the dropped words)
+        return word - bisect_left(self._dropped[sequence_index], word)
+
+    def word_to_tokens(self, word_index: int, sequence_index: int = 0) -> tuple[int, int] | None:
+        """(first, last + 1) token of the word, inserted tokens excluded."""
+        word_ids, sequence_ids = self.word_ids, self.rewritten.sequence_ids
+        word = self._to_rewritten_word(word_index, sequence_index)
+        span = self.rewritten.word_to_tokens(word, sequence_index)
+        if span is None:
+            return None
+        start, end = span
+        while start < end and word_ids[start] is None:
+            start += 1
+        while end > start and word_ids[end - 1] is None:
+            end -= 1
+        if start == end or sequence_ids[start] != sequence_index:
+            return None
+        return start, end
+
+    def word_to_chars(self, word_index: int, sequence_index: int = 0) -> tuple[int, int] | None:
+        span = self.word_to_tokens(word_index, sequence_index)
+        if span is None:
+            return None
+        return self.offsets[span[0]][0], self.offsets[span[1] - 1][1]
+
+    # -- mapping internals --
+    def _to_rewritten(self, char_pos: int, side: int) -> int | None:
+        if not 0 <= side < len(self._text_lengths) or not 0 <= char_pos < self._text_lengths[side]:
+            return None
+        # a group is inserted right after its mention: characters from the mention's end on move right
+        return char_pos + bisect_right(self._insertions[side], char_pos) * self._size
+
+    def _to_rewritten_word(self, word_index: int, side: int) -> int:
+        self.word_ids  # noqa: B018
+        word = word_index
+        for dropped in self._dropped[side] if side < len(self._dropped) else ():
+            if dropped > word:
+                break
+            word += 1
+        return word
+
+    def _original_span(self, side: int, start: int, end: int) -> tuple[int, int] | None:
+        """A rewritten-text span mapped to the original characters it covers; None when all are inserted."""
+        starts, ends, size = self._starts[side], self._ends[side], self._size
+        j = bisect_right(starts, start) - 1
+        first, before_first = start, j + 1
+        if j >= 0 and start < ends[j]:
+            first = ends[j]
+        if start == end:  # zero-width token
+            return None if first != start else (first - before_first * size, first - before_first * size)
+        last = end - 1
+        k = bisect_right(starts, last) - 1
+        before_last = k + 1
+        if k >= 0 and last < ends[k]:
+            last, before_last = starts[k] - 1, k
+        if first > last:
+            return None
+        return first - before_first * size, last - before_last * size + 1
+
+    def _remap_offsets(self) -> None:
+        """Offsets on the original text. Tokens between two groups move by a constant; only the few tokens that
+        touch a group are looked at one by one (recorded in `_touched` for the word pass)."""
+        offsets = self._rewritten_offsets if self._rewritten_offsets is not None else self.rewritten.offsets
+        size = self._size
+        self._starts = [[end + k * size for k, end in enumerate(side)] for side in self._insertions]
+        self._ends = [[start + size for start in side] for side in self._starts]
+        self._touched = []
+        new_offsets = list(offsets)
+        sequence_ids = self.rewritten.sequence_ids if any(self._insertions) else []
+        for side, (starts, ends) in enumerate(zip(self._starts, self._ends, strict=True)):
+            touched: list[tuple[int, int, list[bool]]] = []  # per group: its tokens, which are inserted-only
+            self._touched.append(touched)
+            if not starts:
+                continue
+            low, high = _side_range(sequence_ids, side)
+            cursor = low
+            for k in range(len(starts) + 1):
+                if k < len(starts):
+                    start, end = starts[k], ends[k]
+                    first, last = _touching(offsets, cursor, high, start, end)
+                else:
+                    first, last = high, high
+                if k:  # tokens after group k - 1 and before group k: one constant shift
+                    shift = k * size
+                    new_offsets[cursor:first] = [(s - shift, e - shift) for s, e in offsets[cursor:first]]
+                if k == len(starts):
+                    break
+                inserted = []
+                for i in range(first, last):
+                    token_start, token_end = offsets[i]
+                    span = None
+                    if not (start <= token_start and token_end <= end):  # mixes inserted and original characters
+                        span = self._original_span(side, token_start, token_end)
+                    new_offsets[i] = (0, 0) if span is None else span
+                    inserted.append(span is None)
+                touched.append((first, last, inserted))
+                cursor = last
+        self._offsets = new_offsets
+
+    def _remap_words(self) -> None:
+        """Word ids on the original text: inserted tokens get None, and words made only of inserted tokens are
+        taken out of the numbering (`_dropped`, per side)."""
+        words = self.rewritten.word_ids
+        self._dropped = [[] for _ in self._insertions]
+        if not any(self._insertions):
+            self._word_ids = list(words)
+            return
+        self.offsets  # noqa: B018  (classifies the tokens that touch a group)
+        new_words = list(words)
+        sequence_ids = self.rewritten.sequence_ids
+        for side, touched in enumerate(self._touched):
+            if not touched:
+                continue
+            dropped = self._dropped[side]
+            low, high = _side_range(sequence_ids, side)
+            cursor = low
+            groups = [*touched, (high, high, [])]
+            for k, (first, last, inserted) in enumerate(groups):
+                if dropped:
+                    shift = len(dropped)
+                    new_words[cursor:first] = [None if w is None else w - shift for w in words[cursor:first]]
+                if first == high:
+                    break
+                group_words = {words[i] for i, flag in zip(range(first, last), inserted, strict=True) if flag}
+                if group_words:
+                    # a word that goes on past the group (" )" + "." pre-tokenized together) is not dropped
+                    kept = {words[i] for i, flag in zip(range(first, last), inserted, strict=True) if not flag}
+                    if first > low:
+                        kept.add(words[first - 1])
+                    following, _, following_inserted = groups[k + 1]
+                    if last < high and not (following == last and following_inserted and following_inserted[0]):
+                        kept.add(words[last])
+                    dropped.extend(sorted(w for w in group_words - kept if w is not None))
+                for i, flag in zip(range(first, last), inserted, strict=True):
+                    if flag:
+                        new_words[i] = None
+                    elif words[i] is not None:
+                        new_words[i] = words[i] - bisect_left(dropped, words[i])
+                cursor = last
+        self._word_ids = new_words
+
+
+class _Groups:
+    """The slot groups of one text, in text order, as parallel lists (cheap to build, filter and render).
+
+    Group k is inserted at original position `ends[k]` (its mention's end); in the rewritten text it spans
+    [ends[k] + k * size, ends[k] + (k + 1) * size), `size` being the length of " (" + slot + " )".
+    """
+
+    __slots__ = ("ends", "rows")
+
+    def __init__(self, ends: list[int], rows: list[int]) -> None:
+        self.ends = ends
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def starts(self, size: int) -> list[int]:
+        """Start of each group in the rewritten text."""
+        return [end + k * size for k, end in enumerate(self.ends)]
+
+    def render(self, text: str, insert: str) -> str:
+        if not self.ends:
+            return text
+        bounds = [0, *self.ends, len(text)]
+        return insert.join([text[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)])
 
 
 # ----- tokenizer -------------------------------------------------------------------------------------------------
@@ -216,6 +509,7 @@ class PELTTokenizer:
         """Accept a table (looked up live, so entities added to it later are seen), a mapping or a list of ids."""
         self._entity_vocab = vocab
         self._rows: dict[str, int] | None = None
+        self._table_linker: tuple[int, AliasLinker] | None = None  # (table size when built, linker)
         if vocab is None or _is_table(vocab):
             return
         if isinstance(vocab, str):
@@ -247,15 +541,25 @@ class PELTTokenizer:
         return row
 
     @property
+    def _insert(self) -> str:
+        """What the hook writes after a mention."""
+        return _OPEN + self.slot_token + _CLOSE
+
+    @property
     def linker(self) -> AliasLinker:
-        if self._linker is None:
-            if not _is_table(self._entity_vocab) or not hasattr(self._entity_vocab, "names"):
-                raise ValueError(
-                    "link=True needs entity names and aliases: pass linker=AliasLinker({...}) or an entity table "
-                    "as entity_vocab."
-                )
-            self._linker = AliasLinker.from_table(self._entity_vocab)
-        return self._linker
+        """The linker for `link=True`: the one given, else one over the table's names and aliases (rebuilt when
+        entities are added to the table, so new names are found)."""
+        if self._linker is not None:
+            return self._linker
+        table = self._entity_vocab
+        if not _is_table(table) or not hasattr(table, "names"):
+            raise ValueError(
+                "link=True needs entity names and aliases: pass linker=AliasLinker({...}) or an entity table "
+                "as entity_vocab."
+            )
+        if self._table_linker is None or self._table_linker[0] != len(table.entity_ids):
+            self._table_linker = (len(table.entity_ids), AliasLinker.from_table(table))
+        return self._table_linker[1]
 
     @linker.setter
     def linker(self, linker: AliasLinker | None) -> None:
@@ -284,10 +588,17 @@ class PELTTokenizer:
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{self.slot_token!r}]}}) (and resize "
                 "the model's embeddings), or keep the default (the mask token)."
             )
+        # the ids of the tokens around the slot in running text: a cheap first check that a group came out whole
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        paren, close = start - 1, start + len(self.slot_token) + len(_CLOSE) - 1
+        slot = hits[0][0]
+        self._open_id = ids[slot - 1] if slot > 0 and offsets[slot - 1][0] <= paren < offsets[slot - 1][1] else None
+        after = slot + 1 < len(ids) and offsets[slot + 1][0] <= close < offsets[slot + 1][1]
+        self._close_id = ids[slot + 1] if after else None
         return int(slot_id)
 
     # -- planning --
-    def _plan(self, text: str, entities: Any, link: bool, where: str) -> tuple[list[_Group], int, int]:
+    def _plan(self, text: str, entities: Any, link: bool, where: str) -> tuple[_Groups, int, int]:
         """Validate mentions and pick the known ones; returns (groups, mentions, unknown)."""
         if not isinstance(text, str):
             raise TypeError(f"{where}: expected a str, got {type(text).__name__}")
@@ -296,29 +607,23 @@ class PELTTokenizer:
                 raise ValueError(f"{where}: pass either entities or link=True, not both")
             entities = self.linker.find(text)
         if entities is None:
-            return [], 0, 0
+            return _Groups([], []), 0, 0
         if isinstance(entities, Mapping) or not isinstance(entities, Sequence):
             raise TypeError(f"{where}: entities must be a list of {{char_start, char_end, entity_id}} dicts")
         spans: list[tuple[int, int, str]] = []
+        length = len(text)
         for mention in entities:
-            if not isinstance(mention, Mapping):
-                raise TypeError(
-                    f"{where}: each mention must be a dict {{char_start, char_end, entity_id}}, got "
-                    f"{type(mention).__name__} (for a batch, pass one list of mentions per text)"
+            # fast path for well-formed dicts; anything else goes through the checks that name the problem
+            if type(mention) is dict:
+                start, end, entity_id = (
+                    mention.get("char_start"),
+                    mention.get("char_end"),
+                    mention.get("entity_id"),
                 )
-            missing = [key for key in ("char_start", "char_end", "entity_id") if key not in mention]
-            if missing:
-                raise ValueError(f"{where}: mention {dict(mention)} lacks {missing}")
-            start, end, entity_id = mention["char_start"], mention["char_end"], mention["entity_id"]
-            if not isinstance(entity_id, str):
-                raise TypeError(f"{where}: entity ids are strings, got {entity_id!r} for span [{start}, {end})")
-            integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
-            if not (integers and 0 <= start < end <= len(text)):
-                raise ValueError(
-                    f"{where}: mention span [{start}, {end}) of {entity_id!r} is not within the text "
-                    f"(length {len(text)}) or is empty"
-                )
-            spans.append((start, end, entity_id))
+                if type(start) is int and type(end) is int and type(entity_id) is str and 0 <= start < end <= length:
+                    spans.append((start, end, entity_id))
+                    continue
+            spans.append(_checked_mention(mention, length, where))
         spans.sort()
         for (s0, e0, id0), (s1, e1, id1) in zip(spans, spans[1:], strict=False):
             if s1 < e0:
@@ -326,39 +631,20 @@ class PELTTokenizer:
                     f"{where}: mentions overlap: [{s0}, {e0}) {text[s0:e0]!r} ({id0}) and [{s1}, {e1}) "
                     f"{text[s1:e1]!r} ({id1})"
                 )
-        groups: list[_Group] = []
-        unknown = 0
+        lookup = self._rows.get if self._rows is not None else self._row
+        ends: list[int] = []
+        rows: list[int] = []
         for _, end, entity_id in spans:
-            row = self._row(entity_id)
-            if row is None:
-                unknown += 1
-            else:
-                groups.append(_Group(mention_end=end, row=row, entity_id=entity_id))
-        return groups, len(spans), unknown
-
-    def _render(self, text: str, groups: list[_Group]) -> str:
-        """The rewritten text; records each group's character spans in it."""
-        pieces: list[str] = []
-        cursor = 0
-        length = 0
-        for group in groups:
-            chunk = text[cursor : group.mention_end]
-            pieces.append(chunk)
-            length += len(chunk)
-            group.start = length
-            group.slot_start = length + len(_OPEN)
-            group.slot_end = group.slot_start + len(self.slot_token)
-            group.end = group.slot_end + len(_CLOSE)
-            pieces.append(_OPEN + self.slot_token + _CLOSE)
-            length = group.end
-            cursor = group.mention_end
-        pieces.append(text[cursor:])
-        return "".join(pieces)
+            row = lookup(entity_id)
+            if row is not None:
+                ends.append(end)
+                rows.append(row)
+        return _Groups(ends, rows), len(spans), len(spans) - len(ends)
 
     def rewrite(self, text: str, entities: Any = None, link: bool = False) -> str:
         """The string the hook tokenizes (before truncation): "Obama ( [MASK] ) was born ..."."""
         groups, _, _ = self._plan(text, entities, link, "text")
-        return self._render(text, groups)
+        return groups.render(text, self._insert)
 
     # -- encoding --
     def __call__(
@@ -399,9 +685,17 @@ class PELTTokenizer:
             raise ValueError("entities_pair given without text_pair")
 
         # groups[side][b]: the slot groups of text b of that side, in text order
-        groups: list[list[list[_Group]]] = []
+        groups: list[list[_Groups]] = []
         unknown = [0] * len(texts)
         mentions = 0
+        if link and not len(self.linker):
+            warnings.warn(
+                f"link=True but the linker has no names or aliases to match ({self.linker!r}): nothing is linked. "
+                "Give the table names/aliases (entity_names= when building it), or pass linker=AliasLinker({...}) "
+                "or explicit entities=.",
+                UserWarning,
+                stacklevel=2,
+            )
         for side, (side_texts, side_mentions) in enumerate(zip(sides, side_entities, strict=True)):
             name = "text" if side == 0 else "text_pair"
             planned = []
@@ -413,10 +707,11 @@ class PELTTokenizer:
             groups.append(planned)
 
         user_offsets = bool(kwargs.pop("return_offsets_mapping", False))
+        insert = self._insert
         dropped = [0] * len(texts)
         while True:
             rendered = [
-                [self._render(string, found) for string, found in zip(side_texts, side_groups, strict=True)]
+                [found.render(string, insert) for string, found in zip(side_texts, side_groups, strict=True)]
                 for side_texts, side_groups in zip(sides, groups, strict=True)
             ]
             try:
@@ -426,7 +721,7 @@ class PELTTokenizer:
                     padding=padding,
                     truncation=truncation,
                     max_length=max_length,
-                    return_offsets_mapping=True,
+                    return_offsets_mapping=user_offsets,
                     **kwargs,
                 )
             except Exception as error:  # the Rust tokenizer raises a bare Exception for impossible truncation
@@ -441,7 +736,20 @@ class PELTTokenizer:
             if not changed:
                 break
 
-        data = {k: v for k, v in encoded.items() if k != "offset_mapping" or user_offsets}
+        encodings = [
+            OriginalTextEncoding(
+                encoding,
+                groups=[side_groups[b] for side_groups in groups],
+                size=len(insert),
+                text_lengths=[len(side_texts[b]) for side_texts in sides],
+                rewritten_texts=tuple(side_rendered[b] for side_rendered in rendered),
+                rewritten_offsets=encoded["offset_mapping"][b] if user_offsets else None,
+            )
+            for b, encoding in enumerate(encoded.encodings)
+        ]
+        data = {k: v for k, v in encoded.items() if k != "offset_mapping"}
+        if user_offsets:  # on the caller's text (inserted tokens: (0, 0)), not the rewritten one
+            data["offset_mapping"] = [encoding.offsets for encoding in encodings]
         if single and return_tensors is None:
             data = {k: v[0] for k, v in data.items()}
         entity_fields = {"entity_positions": positions, "entity_ids": rows}
@@ -450,7 +758,7 @@ class PELTTokenizer:
         truncated = [d + c for d, c in zip(dropped, cut_away, strict=True)]
         result = PELTEncoding(
             data,
-            encoding=encoded.encodings,
+            encoding=encodings,
             tensor_type=return_tensors,
             n_sequences=encoded.n_sequences,
             unknown_entities=unknown[0] if single else unknown,
@@ -467,44 +775,106 @@ class PELTTokenizer:
         return result
 
     def _locate(
-        self, encoded: BatchEncoding, groups: list[list[list[_Group]]], dropped: list[int]
+        self, encoded: BatchEncoding, groups: list[list[_Groups]], dropped: list[int]
     ) -> tuple[list[list[int]], list[list[int]], list[int], bool]:
-        """Slot token of each whole group; drops (in place) every group truncation cut in half.
+        """Slot token of each whole group; drops every group truncation cut in half (replacing groups[side][b]).
 
         A group is whole when tokens cover its "(", its slot (one token with the slot id) and its ")"; it is cut
-        away when no token of the sequence touches its span; anything else is half a group.
+        away when no token of the sequence touches its span; anything else is half a group. Linear in tokens and
+        groups: the slot-id tokens are listed once (a C-level scan of the ids), matched to the groups in order,
+        and each match is confirmed by its neighbours' characters; only a group without a clean match (one that
+        truncation reached) is examined token by token, by bisection over the offsets.
         """
         positions: list[list[int]] = []
         rows: list[list[int]] = []
         cut_away = [0] * len(dropped)
         changed = False
+        slot_id = self.slot_token_id
+        size = len(self._insert)
+        to_slot, to_slot_end = len(_OPEN), len(_OPEN) + len(self.slot_token)
+        open_id = self._open_id if self._open_id is not None else -1
+        close_id = self._close_id if self._close_id is not None else -1
         for b, encoding in enumerate(encoded.encodings):
+            if not any(side_groups[b].ends for side_groups in groups):
+                positions.append([])
+                rows.append([])
+                continue
+            ids, sequence_ids = encoded["input_ids"][b], encoding.sequence_ids
+            token_to_chars = encoding.token_to_chars
+            # every slot-id token (slots and real masks alike) as (start character, token) per sequence
+            candidates: list[list[tuple[int, int]]] = [[] for _ in groups]
+            i = -1
+            while True:
+                try:
+                    i = ids.index(slot_id, i + 1)
+                except ValueError:
+                    break
+                side = sequence_ids[i]
+                if side is not None and side < len(groups):
+                    candidates[side].append((token_to_chars(i)[0], i))
+            offsets: list[tuple[int, int]] | None = None  # all offsets: only when a group needs a close look
             found: list[tuple[int, int]] = []
             for side, side_groups in enumerate(groups):
-                tokens = [
-                    (i, token_id, s, e)
-                    for i, (token_id, (s, e), seq) in enumerate(
-                        zip(encoding.ids, encoding.offsets, encoding.sequence_ids, strict=True)
-                    )
-                    if seq == side
-                ]
-                keep: list[_Group] = []
-                for group in side_groups[b]:
-                    touching = [t for t in tokens if _touches(t[2], t[3], group.start, group.end)]
-                    slots = [t for t in touching if t[1] == self.slot_token_id and t[3] > group.slot_start]
-                    slots = [t for t in slots if t[2] < group.slot_end]
-                    has_open = any(s <= group.slot_start - 1 < e for _, _, s, e in touching)
-                    has_close = any(s <= group.end - 1 < e for _, _, s, e in touching)
-                    if not touching:
+                planned = side_groups[b]
+                if not planned.ends:
+                    continue
+                side_candidates, c = candidates[side], 0
+                keep = []
+                low, high = _side_range(sequence_ids, side)  # the tokens of this sequence
+                for k, (end, row) in enumerate(zip(planned.ends, planned.rows, strict=True)):
+                    start = end + k * size  # where the group sits in the rewritten text
+                    slot_start = start + to_slot
+                    paren, close = slot_start - 1, start + size - 1  # the "(" and the ")"
+                    while c < len(side_candidates) and side_candidates[c][0] < slot_start:
+                        c += 1  # a real mask in the text
+                    if c < len(side_candidates) and side_candidates[c][0] == slot_start:
+                        i = side_candidates[c][1]
+                        # "(" right before the slot; ")" right after (or after one more token: " " + ")")
+                        if low < i < high - 1 and ids[i - 1] == open_id and ids[i + 1] == close_id:
+                            found.append((i, row))  # the tokens the probe gave: the group's "(" and ")"
+                            keep.append(k)
+                            continue
+                        if (
+                            ids[i - 1] != slot_id
+                            and _covers(encoding, i - 1, side, paren)
+                            and ids[i + 1 : i + 2] != [slot_id]
+                            and (
+                                _covers(encoding, i + 1, side, close)
+                                or ids[i + 2 : i + 3] != [slot_id]
+                                and _covers(encoding, i + 2, side, close)
+                                and token_to_chars(i + 1)[1] <= close
+                            )
+                        ):
+                            found.append((i, row))
+                            keep.append(k)
+                            continue
+                    # no clean match: truncation reached this group (or the tokenizer split it oddly)
+                    if offsets is None:
+                        offsets = encoded["offset_mapping"][b] if "offset_mapping" in encoded else encoding.offsets
+                    first, last = _touching(offsets, low, high, start, start + size)
+                    if first == last:
                         cut_away[b] += 1
-                        keep.append(group)
-                    elif has_open and has_close and len(slots) == 1:
-                        found.append((slots[0][0], group.row))
-                        keep.append(group)
+                        keep.append(k)
+                        continue
+                    slot_end = start + to_slot_end
+                    has_open = has_close = False
+                    slots = []
+                    for i in range(first, last):
+                        token_start, token_end = offsets[i]
+                        if token_start <= paren < token_end:
+                            has_open = True
+                        if token_start <= close < token_end:
+                            has_close = True
+                        if ids[i] == slot_id and token_end > slot_start and token_start < slot_end:
+                            slots.append(i)
+                    if has_open and has_close and len(slots) == 1:
+                        found.append((slots[0], row))
+                        keep.append(k)
                     else:
                         dropped[b] += 1
                         changed = True
-                side_groups[b] = keep
+                if len(keep) < len(planned):
+                    side_groups[b] = _Groups([planned.ends[k] for k in keep], [planned.rows[k] for k in keep])
             found.sort()
             positions.append([p for p, _ in found])
             rows.append([r for _, r in found])
@@ -594,11 +964,56 @@ def _is_table(vocab: Any) -> bool:
     return hasattr(vocab, "index") and hasattr(vocab, "entity_ids") and not isinstance(vocab, (list, tuple))
 
 
-def _touches(start: int, end: int, lo: int, hi: int) -> bool:
-    """Whether a token's offsets fall in [lo, hi) (zero-width tokens count when they sit inside)."""
-    if start == end:
-        return lo <= start < hi
-    return start < hi and end > lo
+def _checked_mention(mention: Any, length: int, where: str) -> tuple[int, int, str]:
+    """(start, end, entity id) of one mention, or an error naming what is wrong with it."""
+    if not isinstance(mention, Mapping):
+        raise TypeError(
+            f"{where}: each mention must be a dict {{char_start, char_end, entity_id}}, got "
+            f"{type(mention).__name__} (for a batch, pass one list of mentions per text)"
+        )
+    missing = [key for key in ("char_start", "char_end", "entity_id") if key not in mention]
+    if missing:
+        raise ValueError(f"{where}: mention {dict(mention)} lacks {missing}")
+    start, end, entity_id = mention["char_start"], mention["char_end"], mention["entity_id"]
+    if not isinstance(entity_id, str):
+        raise TypeError(f"{where}: entity ids are strings, got {entity_id!r} for span [{start}, {end})")
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))  # True is not an offset
+    if not (integers and 0 <= start < end <= length):
+        raise ValueError(
+            f"{where}: mention span [{start}, {end}) of {entity_id!r} is not within the text "
+            f"(length {length}) or is empty"
+        )
+    return start, end, entity_id
+
+
+def _side_range(sequence_ids: list[int | None], side: int) -> tuple[int, int]:
+    """[first, last + 1) token of sequence `side` (its tokens are contiguous); (0, 0) when truncated away."""
+    try:
+        first = sequence_ids.index(side)
+    except ValueError:
+        return 0, 0
+    return first, len(sequence_ids) - sequence_ids[::-1].index(side)
+
+
+def _covers(encoding: Any, token: int, side: int, char: int) -> bool:
+    """Whether token `token` of `encoding` belongs to sequence `side` and covers character `char`."""
+    if token < 0 or token >= len(encoding) or encoding.token_to_sequence(token) != side:
+        return False
+    chars = encoding.token_to_chars(token)
+    return chars is not None and chars[0] <= char < chars[1]
+
+
+def _touching(offsets: Sequence[tuple[int, int]], low: int, high: int, start: int, end: int) -> tuple[int, int]:
+    """[first, last) of the tokens in offsets[low:high] that touch the characters [start, end) (a zero-width token
+    touches when it sits inside), by bisection: within a sequence, token offsets are ordered by start, so this
+    costs O(log n) plus the tokens found."""
+    first = bisect_left(offsets, (start,), low, high)  # first token starting at or after `start`
+    while first > low and offsets[first - 1][0] < start < offsets[first - 1][1]:
+        first -= 1  # a token across `start`
+    last = first
+    while last < high and offsets[last][0] < end:
+        last += 1
+    return first, last
 
 
 def _per_text(entities: Any, single: bool, batch: int, name: str) -> list[Any]:

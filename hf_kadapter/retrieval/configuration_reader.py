@@ -31,6 +31,9 @@ class OpenQAReaderConfig(CompositeConfig):
             Add the retrieval score f(x, z) to every span of document z.
         detach_retrieval (`bool`, *optional*, defaults to `False`):
             Do not train the retriever through the reader's loss.
+        span_layer_norm_eps (`float`, *optional*):
+            When set, a LayerNorm with this epsilon normalises the span MLP's hidden layer before its output, as
+            REALM's reader does (1e-3); unset, the MLP has none.
     """
 
     model_type = "open_qa_reader"
@@ -44,6 +47,7 @@ class OpenQAReaderConfig(CompositeConfig):
     max_span_width: int = 10
     use_retrieval_score: bool = True
     detach_retrieval: bool = False
+    span_layer_norm_eps: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -6,7 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "pooler")
 
 
 @strict
@@ -23,7 +23,10 @@ class RetrieverEmbedderConfig(PreTrainedConfig):
         projection_dim (`int`, *optional*, defaults to 128):
             Width of the embeddings; `None` keeps the pooled hidden state without projection.
         pooling (`str`, *optional*, defaults to `"cls"`):
-            "cls" (first token, REALM) or "mean" (masked mean over tokens).
+            "cls" (first token), "mean" (masked mean over tokens) or "pooler" (the encoder's own pooler output, e.g.
+            BERT's tanh(dense([CLS])), as REALM's embedder; the encoder is then built with its pooling layer).
+        projection_layer_norm_eps (`float`, *optional*):
+            When set, a LayerNorm with this epsilon follows the projection (REALM's embedder: 1e-12).
         shared (`bool`, *optional*, defaults to `True`):
             One encoder and projection for queries and documents; `False` gives each its own copy
             (both initialised from the same pretrained weights by `from_encoder`).
@@ -37,6 +40,7 @@ class RetrieverEmbedderConfig(PreTrainedConfig):
     projection_dim: int | None = 128
     pooling: str = "cls"
     shared: bool = True
+    projection_layer_norm_eps: float | None = None
 
     def __post_init__(self, **kwargs):
         encoder_attn = getattr(self.encoder_config, "_attn_implementation_internal", None)

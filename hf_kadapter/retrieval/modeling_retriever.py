@@ -539,13 +539,15 @@ class RetrieverTower(nn.Module):
 
     def __init__(self, config: RetrieverEmbedderConfig):
         super().__init__()
-        self.encoder = AutoModel.from_config(config.encoder_config, **_base_init_kwargs(config.encoder_config))
+        self.encoder = AutoModel.from_config(config.encoder_config, **_tower_init_kwargs(config))
         self.pooling = config.pooling
         self.projection = (
             nn.Linear(config.encoder_config.hidden_size, config.projection_dim)
             if config.projection_dim is not None
             else nn.Identity()
         )
+        eps = config.projection_layer_norm_eps  # REALM normalises its projected embeddings
+        self.projection_norm = nn.LayerNorm(config.embedding_dim, eps=eps) if eps is not None else None
 
     def forward(
         self,
@@ -559,8 +561,16 @@ class RetrieverTower(nn.Module):
             kwargs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        hidden = self.encoder(**kwargs).last_hidden_state
-        if self.pooling == "cls":
+        encoded = self.encoder(**kwargs)
+        hidden = encoded.last_hidden_state
+        if self.pooling == "pooler":
+            pooled = getattr(encoded, "pooler_output", None)
+            if pooled is None:
+                raise ValueError(
+                    f"pooling='pooler' but the {type(self.encoder).__name__} encoder gives no pooler_output: use "
+                    "pooling='cls' or an encoder with a pooling layer (BERT-like)."
+                )
+        elif self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
             if attention_mask is None:
@@ -568,7 +578,13 @@ class RetrieverTower(nn.Module):
             else:
                 mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.projection(pooled)
+        projected = self.projection(pooled)
+        return projected if self.projection_norm is None else self.projection_norm(projected)
+
+
+def _tower_init_kwargs(config: RetrieverEmbedderConfig) -> dict[str, Any]:
+    """The encoder's constructor arguments: without its pooler, unless the tower pools with it."""
+    return {} if config.pooling == "pooler" else _base_init_kwargs(config.encoder_config)
 
 
 class RetrieverEmbedderPreTrainedModel(PreTrainedModel):
@@ -638,7 +654,8 @@ class RetrieverEmbedder(RetrieverEmbedderPreTrainedModel):
         if isinstance(name_or_model, (str, os.PathLike)):
             name = str(name_or_model)
             encoder_config = AutoConfig.from_pretrained(name)
-            encoder = AutoModel.from_pretrained(name, **_base_init_kwargs(encoder_config), **(encoder_kwargs or {}))
+            init_kwargs = {} if config_kwargs.get("pooling") == "pooler" else _base_init_kwargs(encoder_config)
+            encoder = AutoModel.from_pretrained(name, **init_kwargs, **(encoder_kwargs or {}))
         else:
             if encoder_kwargs:
                 raise ValueError("encoder_kwargs only apply when the encoder is loaded from a name or folder.")
@@ -652,7 +669,8 @@ class RetrieverEmbedder(RetrieverEmbedderPreTrainedModel):
         towers = [model.query_tower] if config.shared else [model.query_tower, model.document_tower]
         for tower in towers:
             missing, unexpected = tower.encoder.load_state_dict(weights, strict=False)
-            missing = [k for k in missing if "pooler" not in k]
+            uses_pooler = config.pooling == "pooler"  # then its weights are needed, not optional
+            missing = [k for k in missing if uses_pooler or "pooler" not in k]
             unexpected = [k for k in unexpected if "pooler" not in k]
             if missing or unexpected:
                 raise ValueError(

@@ -95,6 +95,7 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         max_span_width: int = 10,
         use_retrieval_score: bool = True,
         detach_retrieval: bool = False,
+        span_layer_norm_eps: float | None = None,
     ):
         if isinstance(encoder, OpenQAReaderConfig):
             config = encoder
@@ -109,6 +110,7 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
                 max_span_width=max_span_width,
                 use_retrieval_score=use_retrieval_score,
                 detach_retrieval=detach_retrieval,
+                span_layer_norm_eps=span_layer_norm_eps,
             )
             keep_pretrained_weights(encoder)
         super().__init__(config)
@@ -118,6 +120,9 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         self.start_projection = nn.Linear(hidden, config.span_hidden_size)
         self.end_projection = nn.Linear(hidden, config.span_hidden_size, bias=False)
         self.span_output = nn.Linear(config.span_hidden_size, 1)
+        # REALM's reader normalises the span hidden layer (LayerNorm, eps 1e-3) before the output; off by default.
+        eps = config.span_layer_norm_eps
+        self.span_norm = nn.LayerNorm(config.span_hidden_size, eps=eps) if eps is not None else None
         self.post_init()
 
     @classmethod
@@ -189,7 +194,10 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         for w in range(min(self.max_span_width, length)):
             if w > 0:
                 running = running[:, :-1] & doc_mask[:, w:]
-            score = self.span_output(torch.relu(start[:, : length - w] + end[:, w:])).squeeze(-1)
+            span_hidden = torch.relu(start[:, : length - w] + end[:, w:])
+            if self.span_norm is not None:
+                span_hidden = self.span_norm(span_hidden)
+            score = self.span_output(span_hidden).squeeze(-1)
             ok = running[:, : length - w]
             scores[:, : length - w, w] = torch.where(ok, score, scores.new_tensor(NEG_INF))
         return scores
