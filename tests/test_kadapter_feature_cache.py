@@ -23,6 +23,7 @@ from hf_kadapter.kadapter.feature_cache import (
     cached_hidden_state_indices,
     feature_cache_key,
 )
+from hf_kadapter.utils.io import BUILD_LOCK_NAME
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 PAD_ID = 1
@@ -313,7 +314,8 @@ def test_an_interrupted_build_resumes_where_it_stopped(base_dirs, tmp_path):
     folder = tmp_path / "resumed" / straight.key
     metadata = json.loads((folder / "metadata.json").read_text())
     assert metadata["completed_rows"] == 8 and not metadata["complete"]
-    assert not [p for p in os.listdir(folder) if p.startswith(".")]  # no temp files left behind
+    # no temp or staging files left behind (the build lock file stays: concurrent builders wait on it)
+    assert [p for p in os.listdir(folder) if p.startswith(".")] == [BUILD_LOCK_NAME]
     with pytest.raises(RuntimeError, match="unfinished"):
         FeatureCache(folder)[0]
 

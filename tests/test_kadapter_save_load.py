@@ -88,7 +88,7 @@ def test_save_is_atomic_and_replaces_stale_files(base_dir, tmp_path):
     model.save_pretrained(tmp_path)
     names = set(os.listdir(tmp_path))
     assert "model-00001-of-00002.safetensors" not in names and "notes.txt" in names
-    assert not [n for n in names if n.startswith(".kadapter-save-")]
+    assert not [n for n in names if n.startswith((".staging-", ".commit-"))]
     assert "adapter_config.json" not in names
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import Tally
 from test_pelt_tokenization import roberta_tokenizer
 from tokenizers import AddedToken
 from transformers import BertTokenizer
@@ -249,8 +250,9 @@ def test_fuzz_hook(tokenizers, kind):
                        **call)  # fmt: skip
         except Exception as error:  # noqa: BLE001 - only if the wrapped tokenizer refuses the same request
             rewritten = pelt.rewrite(text, mentions), pelt.rewrite(pair, mentions_pair)
-            with pytest.raises(type(error)):  # e.g. only_first when the first text is too short to cut
+            with pytest.raises(Exception, match="Truncation error"):  # e.g. only_first with a first text too short
                 tokenizer(*rewritten, **call)
+            assert isinstance(error, ValueError) and "cannot fit max_length" in str(error)  # named, with the fix
             refused += 1
             continue
         rewritten = enc.encodings[0].rewritten_texts
@@ -290,3 +292,41 @@ def test_fuzz_overlapping_mentions_are_refused(tokenizers):
         ]
         with pytest.raises(ValueError, match="mentions overlap"):
             pelt(text, entities=overlapping)
+
+
+BROKEN_MENTIONS = [  # (mention, what the error names)
+    ({"char_start": -1, "char_end": 2, "entity_id": "Q1"}, "span"),
+    ({"char_start": 0, "char_end": 10_000, "entity_id": "Q1"}, "span"),
+    ({"char_start": 2, "char_end": 2, "entity_id": "Q1"}, "span"),
+    ({"char_start": True, "char_end": 2, "entity_id": "Q1"}, "span"),  # a bool is not an offset
+    ({"char_start": 0.0, "char_end": 1, "entity_id": "Q1"}, "span"),
+    ({"char_start": 0, "char_end": 1, "entity_id": 1}, "entity"),
+    ({"char_start": 0, "char_end": 1}, "entity_id"),
+    ("Q1", "mention"),
+]
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
+def test_fuzz_broken_mentions_and_impossible_truncation_are_refused_by_name(tokenizers, kind):
+    """Random texts with one broken mention among valid ones: a ValueError/TypeError naming the text, never another
+    exception nor a silent result; a truncation the rewritten pair cannot meet is a ValueError naming the fix."""
+    tally = Tally("bad_input")
+    pelt = PELTTokenizer(tokenizers[kind], ENTITIES)
+    insert = " (" + pelt.slot_token + " )"
+    rng = random.Random(f"{SEED}-broken-{kind}")
+    refused = 0
+    for _ in range(60):
+        text = random_text(rng, insert) + " and some more text"
+        broken, named = rng.choice(BROKEN_MENTIONS)
+        mentions = [m for m in random_mentions(rng, text) if m["char_start"] > 3] + [broken]
+        with pytest.raises((ValueError, TypeError)) as caught:
+            pelt([text, text], entities=[[], mentions])
+        message = str(caught.value)
+        assert message.startswith("text 1") and named in message, message
+        refused += 1
+    first = "word " * 40
+    with pytest.raises(ValueError, match=r"cannot fit max_length=8.*truncation='longest_first'"):
+        pelt(first, "x", entities=[{"char_start": 0, "char_end": 4, "entity_id": "Q1"}], truncation="only_second",
+             max_length=8)  # fmt: skip
+    tally.counts[f"tokenizer_fuzz_{kind}"] = {"error_survived": refused + 1}
+    tally.write()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..file_utils import write_json_atomic
+from ..utils.io import write_json_atomic
 from .stats import MetricRuns, paired_bootstrap
 
 logger = logging.getLogger(__name__)

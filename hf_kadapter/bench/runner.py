@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..file_utils import write_json_atomic
+from ..utils.io import write_json_atomic
 from .core import quiet_transformers
 from .kadapter_exp import KAdapterSettings, run_kadapter
 from .models import resolve

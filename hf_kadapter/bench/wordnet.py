@@ -386,7 +386,7 @@ def _dump(records: list[dict[str, Any]]) -> bytes:
 
 def write_wordnet_suite(suite: dict[str, list[dict[str, Any]]], output_dir: str | Path = SUITE_DIR) -> dict[str, Any]:
     """Write the tables (`<table>.jsonl.gz`) and `suite.json` (version, counts, checksums) into output_dir."""
-    from ..file_utils import atomic_write
+    from ..utils.io import atomic_write
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

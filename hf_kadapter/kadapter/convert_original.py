@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
+from ..utils.io import load_safetensors
 from .configuration_kadapter import KnowledgeAdapterConfig
 from .modeling_kadapter import (
     _DOWNLOAD_KWARGS,
@@ -130,9 +131,7 @@ def load_original_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch.
             raise FileNotFoundError(f"No checkpoint at {path}: give the official pytorch_model.bin (or its folder).")
         source = str(path)
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = load_safetensors(path)  # a file cut short is named
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)

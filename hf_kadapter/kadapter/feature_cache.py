@@ -12,9 +12,14 @@ pretraining heads accept::
 
 Layout of `cache_dir/<key>/`: `hidden_states.npy`, one flat (total_tokens, S, hidden) array holding every row at its
 own length (trailing padding trimmed), `offsets.npy` (num_rows + 1 row starts) and `metadata.json`. The key is a
-sha256 over the base fingerprint, the hidden-state indices, the storage dtype, the base's compute dtype and a digest
-of every row's input_ids / attention_mask / token_type_ids, so another base, other taps or other tokenization can
-never read a stale cache: they get another folder.
+sha256 over the base fingerprint (every weight, hf_kadapter.utils.fingerprint), the hidden-state indices, the storage
+dtype, the base's compute dtype and a digest of every row's input_ids / attention_mask / token_type_ids, so another
+base, other taps or other tokenization can never read a stale cache: they get another folder.
+
+Crashes and concurrency: the three files are created as one folder commit (hf_kadapter.utils.io); rows are then
+written in place, chunk by chunk, and `metadata.json` (replaced atomically after the chunk's data is flushed) says
+how many are done, so a build killed at any point resumes to the same bytes. One builder per folder: a second one
+(another job sharing the cache directory) waits for the first, then opens its result.
 
 Why `.npy` through `np.lib.format.open_memmap` rather than safetensors: the file is preallocated once and each chunk
 of rows is written in place, which is what lets an interrupted build resume; safetensors' writers serialise whole
@@ -38,8 +43,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..file_utils import write_json_atomic
-from .modeling_kadapter import KAdapterModel, base_fingerprint
+from ..utils.fingerprint import base_tensors, native_fingerprint
+from ..utils.io import DamagedFileError, FolderCommit, build_lock, read_json, reading_folder, write_json_atomic
+from .modeling_kadapter import KAdapterModel
 
 FORMAT_VERSION = 1
 CACHE_INDEX_COLUMN = "cached_hidden_states"
@@ -176,7 +182,8 @@ def _cache_key(fingerprint: str, indices: Sequence[int], dtype: str, base_dtype:
 def _model_identity(model: nn.Module) -> dict[str, Any]:
     """What the key says about the model: base fingerprint, tapped indices and the base's compute dtype."""
     core = _core(model)
-    fingerprint = base_fingerprint(core.pretrained_model)
+    # The base's own dtype only (one pass): the cached states change with the dtype, so the key must too.
+    fingerprint = native_fingerprint(base_tensors(core.pretrained_model))
     if fingerprint is None:
         raise ValueError("The base model's weights are not loaded (meta device): load them before caching features.")
     return {
@@ -202,6 +209,16 @@ def feature_cache_key(model: nn.Module, dataset: Any, dtype: str | torch.dtype =
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_json_atomic(path, data, sort_keys=True)
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """np.load without pickles, naming a damaged file (numpy's own errors do not)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the feature cache is incomplete; build it again.") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise DamagedFileError(path, f"numpy cannot read it ({error})") from None
 
 
 def _check_frozen(model: nn.Module) -> None:
@@ -232,9 +249,12 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         metadata_file = self.path / METADATA_FILE
-        if not metadata_file.is_file():
-            raise FileNotFoundError(f"{self.path} is not a feature cache (no {METADATA_FILE}).")
-        self.metadata: dict[str, Any] = json.loads(metadata_file.read_text(encoding="utf-8"))
+        with reading_folder(self.path):  # finish an interrupted creation first
+            if not metadata_file.is_file():
+                raise FileNotFoundError(f"{self.path} is not a feature cache (no {METADATA_FILE}).")
+            self.metadata: dict[str, Any] = read_json(metadata_file)
+        if not isinstance(self.metadata, dict):
+            raise DamagedFileError(metadata_file, "it does not hold a JSON object")
         if self.metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{self.path} holds a feature cache of format {self.metadata.get('format_version')}, this code reads "
@@ -269,7 +289,11 @@ class FeatureCache:
     @property
     def offsets(self) -> np.ndarray:
         if self._offsets is None:
-            self._offsets = np.load(self.path / OFFSETS_FILE)
+            self._offsets = _load_npy(self.path / OFFSETS_FILE)
+            if self._offsets.shape != (len(self) + 1,):
+                raise DamagedFileError(
+                    self.path / OFFSETS_FILE, f"it holds {self._offsets.shape[0]} offsets for {len(self)} rows"
+                )
         return self._offsets
 
     @property
@@ -302,7 +326,12 @@ class FeatureCache:
     def states(self) -> np.ndarray:
         """The flat (total_tokens, S, hidden) array, memory-mapped copy-on-write (readable by torch, never written)."""
         if self._states is None:
-            self._states = np.lib.format.open_memmap(self.path / STATES_FILE, mode="c")
+            self._states = _load_npy(self.path / STATES_FILE, mmap_mode="c")
+            expected = (int(self.metadata["total_tokens"]), len(self.indices), int(self.metadata["hidden_size"]))
+            if self._states.shape != expected:
+                raise DamagedFileError(
+                    self.path / STATES_FILE, f"it holds an array {self._states.shape}, the metadata says {expected}"
+                )
         return self._states
 
     def __getstate__(self) -> dict[str, Any]:
@@ -483,6 +512,20 @@ def _to_storage(states: torch.Tensor, dtype: str) -> np.ndarray:
     return states.to(torch.float32).cpu().numpy()
 
 
+def _check_finite(hidden_states: tuple[torch.Tensor, ...], indices: list[int], rows: list[int]) -> None:
+    """Refuse NaN/inf hidden states where they enter the cache, naming the dataset rows."""
+    bad = set()
+    for index in indices:
+        finite = torch.isfinite(hidden_states[index]).flatten(1).all(dim=1)
+        bad.update(rows[i] for i in torch.nonzero(~finite).flatten().tolist())
+    if bad:
+        raise ValueError(
+            f"The base gives NaN or inf hidden states for dataset rows {sorted(bad)[:10]} ({len(bad)} in all): a cache "
+            "of them would train the adapter on NaN. Check the base's weights and dtype (float16 overflows: run the "
+            "base in float32), or drop those rows."
+        )
+
+
 def _pad_batch(rows: list[dict[str, np.ndarray]], lengths: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
     width = max(lengths)
     fields = [f for f in INPUT_FIELDS if all(f in row for row in rows)]
@@ -506,25 +549,26 @@ def _pad_batch(rows: list[dict[str, np.ndarray]], lengths: list[int], pad_id: in
 def _open_or_create(
     folder: Path, metadata: dict[str, Any], offsets: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[np.memmap, dict[str, Any]]:
-    """Resume an interrupted build when its files match, else start the folder afresh."""
+    """Resume an interrupted build when its files match, else create the three files afresh, as one commit."""
     metadata_file = folder / METADATA_FILE
     np_dtype = _STORAGE[metadata["dtype"]][0]
     if metadata_file.is_file():
         try:
-            previous = json.loads(metadata_file.read_text(encoding="utf-8"))
+            previous = read_json(metadata_file)
             same = all(previous.get(k) == metadata[k] for k in _RESUME_FIELDS)
             states = np.lib.format.open_memmap(folder / STATES_FILE, mode="r+")
             matches = same and states.shape == shape and states.dtype == np_dtype
-            if matches and np.array_equal(np.load(folder / OFFSETS_FILE), offsets):
+            if matches and np.array_equal(_load_npy(folder / OFFSETS_FILE), offsets):
                 return states, previous
         except (OSError, ValueError):
             pass
-    folder.mkdir(parents=True, exist_ok=True)
-    metadata_file.unlink(missing_ok=True)  # from here until the first commit the folder is not a cache
-    np.save(folder / OFFSETS_FILE, offsets)
-    states = np.lib.format.open_memmap(folder / STATES_FILE, mode="w+", dtype=np_dtype, shape=shape)
-    _write_json(metadata_file, metadata)
-    return states, metadata
+    with FolderCommit(folder, stale=(STATES_FILE, OFFSETS_FILE, METADATA_FILE)) as staging:
+        np.save(staging / OFFSETS_FILE, offsets)
+        created = np.lib.format.open_memmap(staging / STATES_FILE, mode="w+", dtype=np_dtype, shape=shape)
+        created.flush()
+        del created  # a sparse file: nothing is written until the rows are
+        _write_json(staging / METADATA_FILE, metadata)
+    return np.lib.format.open_memmap(folder / STATES_FILE, mode="r+"), metadata
 
 
 def _build(
@@ -565,6 +609,7 @@ def _build(
                     member_lengths = [int(lengths[start + j]) for j in members]
                     inputs = _pad_batch([rows[j] for j in members], member_lengths, pad_id, device)
                     out = base(**inputs, output_hidden_states=True, return_dict=True)
+                    _check_finite(out.hidden_states, indices, [start + j for j in members])
                     stacked = _to_storage(
                         torch.stack([out.hidden_states[i] for i in indices], dim=2), metadata["dtype"]
                     )
@@ -633,14 +678,12 @@ def build_feature_cache(
     error: BaseException | None = None
     if rank == 0:
         try:
-            existing = FeatureCache(folder) if (folder / METADATA_FILE).is_file() else None
-        except ValueError:
-            existing = None
-        if existing is None or not existing.complete:
-            try:
-                _build(model, dataset, folder, metadata, lengths, batch_size, chunk_size, progress)
-            except BaseException as caught:  # still reach the barrier, or the other ranks would hang
-                error = caught
+            # One builder per folder: another job building the same cache waits here, then finds it complete.
+            with build_lock(folder):
+                if not _is_complete(folder):
+                    _build(model, dataset, folder, metadata, lengths, batch_size, chunk_size, progress)
+        except BaseException as caught:  # still reach the barrier, or the other ranks would hang
+            error = caught
     if world_size > 1:
         torch.distributed.barrier()
     if error is not None:
@@ -649,6 +692,13 @@ def build_feature_cache(
     if not cache.complete:
         raise RuntimeError(f"The feature cache at {folder} was not finished by rank 0; see its error.")
     return cache
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        return (folder / METADATA_FILE).is_file() and FeatureCache(folder).complete
+    except (ValueError, OSError):  # another format, a damaged file: built again
+        return False
 
 
 __all__ = [

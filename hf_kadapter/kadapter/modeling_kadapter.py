@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import logging
@@ -18,10 +17,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
@@ -42,6 +45,15 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput, cached_file
 
 from .configuration_kadapter import KAdapterConfig, KnowledgeAdapterConfig, default_tap_layers
+
+try:  # POSIX; elsewhere folders are committed the same way, only without locks
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+try:  # installed with hf_kadapter; remote code without it records no base fingerprint (and checks none)
+    import xxhash
+except ImportError:  # pragma: no cover - depends on the environment
+    xxhash = None
 
 logger = logging.getLogger(__name__)
 
@@ -65,30 +77,533 @@ class KAdapterBaseMismatchError(ValueError):
     """An adapter or checkpoint was trained on another base than the one it is being put on."""
 
 
+# --- private copies of hf_kadapter.utils (begin) ---
+# This file is shipped as remote code and cannot import hf_kadapter: these are verbatim copies of the shared
+# helpers (see there for why they work as they do). tests/test_utils_remote_copies.py fails when they drift.
+# the helpers of hf_kadapter/utils/io.py
+STAGING_PREFIX = ".staging-"
+RECORD_PREFIX = ".commit-"
+BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
+MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+_FAULT_HOOK: Callable[[str], None] | None = None
+
+
+class DamagedFileError(ValueError):
+    """A file exists but cannot be what it claims to be (cut short, not valid JSON, not UTF-8 ...)."""
+
+    def __init__(self, path: str | os.PathLike, why: str, fix: str | None = None):
+        fix = fix or (
+            "It was probably cut short by a crash or a full disk, or edited by hand: save or build it again "
+            "(or download it again)"
+        )
+        super().__init__(f"{path} is damaged: {why}. {fix}.")
+        self.path = str(path)
+        self.why = why
+
+
+def _fault_point(label: str) -> None:
+    """A write boundary: where the fault-injection tests kill the process."""
+    if _FAULT_HOOK is not None:
+        _FAULT_HOOK(label)
+
+
+def _fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Write through a temporary file in the same folder, then os.replace: a reader (or a build resumed after a
+    crash) sees the old file or the new one, never half of one. The temporary file is locked while it lives, so
+    recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
+    try:
+        if fcntl is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield stream
+        stream.flush()
+        os.fsync(stream.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file must be readable like any other
+        _fault_point("atomic_write:written")
+        os.replace(temp, path)
+        _fault_point("atomic_write:replaced")
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    finally:
+        stream.close()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """json.load that names the file, line and column of what is wrong (bytes that are not UTF-8 included)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DamagedFileError(path, f"byte {error.start} (line {line}) is not UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DamagedFileError(
+            path, f"invalid JSON at line {error.lineno}, column {error.colno} ({error.msg})"
+        ) from None
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is not a complete safetensors file (None when its header and size agree).
+
+    Reads only the header: the 8-byte length, the JSON header, and checks that the data it describes ends exactly at
+    the end of the file, which a file cut short by a crash never does.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as stream:
+            prefix = stream.read(8)
+            if len(prefix) < 8:
+                return f"it holds {size} bytes, fewer than a safetensors header"
+            length = int.from_bytes(prefix, "little")
+            if 8 + length > size:
+                return f"its header announces {length} bytes but the file holds {size}"
+            header = json.loads(stream.read(length).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"its header entry {key!r} has no valid data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        return f"it holds {size} bytes but its header describes {8 + length + end}"
+    return None
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise DamagedFileError naming `path` unless it is a complete safetensors file."""
+    problem = safetensors_problem(path)
+    if problem is not None:
+        raise DamagedFileError(path, problem)
+
+
+@contextmanager
+def _flock(path: str | os.PathLike, exclusive: bool, blocking: bool = True) -> Iterator[bool]:
+    """flock on the descriptor of `path` (a folder or a file); yields False where there is nothing to lock with
+    (no fcntl, an unreadable folder, a filesystem without flock), True once held. Non-blocking: BlockingIOError."""
+    if fcntl is None:
+        yield False
+        return
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(handle, operation)
+            held = True
+        except BlockingIOError:
+            raise
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(handle)
+
+
+def _is_mechanism_entry(name: str) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in MECHANISM_PATTERNS)
+
+
+def _records(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(RECORD_PREFIX + "*.json") if p.is_file())
+
+
+def _stagings(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(STAGING_PREFIX + "*") if p.is_dir())
+
+
+def _relative_files(root: Path) -> list[str]:
+    """Files under `root` as sorted posix paths, leaving out the mechanism's own entries at any depth."""
+    found = []
+    for current, folders, files in os.walk(root):
+        folders[:] = [name for name in folders if not _is_mechanism_entry(name)]
+        base = Path(current).relative_to(root)
+        found += [(base / name).as_posix() for name in files if not _is_mechanism_entry(name)]
+    return sorted(found)
+
+
+def _matches(relative: str, patterns: Sequence[str]) -> bool:
+    """fnmatch segment by segment ("*" never crosses a "/"); a last segment "**" matches everything below."""
+    parts = relative.split("/")
+    for pattern in patterns:
+        pieces = pattern.split("/")
+        if pieces[-1] == "**":
+            head = pieces[:-1]
+            if len(parts) > len(head) and all(fnmatchcase(p, q) for p, q in zip(parts[: len(head)], head, strict=True)):
+                return True
+        elif len(parts) == len(pieces) and all(fnmatchcase(p, q) for p, q in zip(parts, pieces, strict=True)):
+            return True
+    return False
+
+
+def _apply_record(folder: Path, record_path: Path) -> None:
+    """Roll one intent record forward: move the staged files in, delete the stale ones, drop the record."""
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        staging, files, delete = folder / record["staging"], record["files"], record["delete"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DamagedFileError(
+            record_path,
+            f"this commit record cannot be read ({error})",
+            f"A save into {folder} was interrupted and its record is unreadable: check the folder's files, then "
+            "delete the record and the .staging-* folders to go on",
+        ) from None
+    touched = {folder}
+    for relative in files:
+        source, target = staging / relative, folder / relative
+        if os.path.lexists(source):  # else it was moved before the interruption
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+            touched.add(target.parent)
+            _fault_point("commit:moved")
+    for relative in delete:
+        target = folder / relative
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+            _fault_point("commit:deleted")
+        parent = target.parent
+        while parent != folder and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    for touched_folder in sorted(touched):
+        _fsync_dir(touched_folder)
+    record_path.unlink()
+    _fault_point("commit:recorded-removed")
+    shutil.rmtree(staging, ignore_errors=True)
+    _fsync_dir(folder)
+
+
+def _temporaries(folder: Path) -> list[Path]:
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
+    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    return sorted(
+        p
+        for pattern in (".*-????????.tmp", "*/.*-????????.tmp")
+        for p in folder.glob(pattern)
+        if p.is_file() and all(c.isalnum() or c == "_" for c in p.name[-12:-4])
+    )
+
+
+def _clean_stagings(folder: Path) -> None:
+    """Delete staging folders and temporary files whose writer is gone (killed before its commit or rename)."""
+    for leftover in _stagings(folder) + _temporaries(folder):
+        try:
+            with _flock(leftover, exclusive=True, blocking=False) as held:
+                if held and leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif held:
+                    leftover.unlink(missing_ok=True)
+        except BlockingIOError:
+            continue  # a live writer is still filling it
+
+
+def recover_folder(folder: str | os.PathLike) -> None:
+    """Finish a save that was interrupted in `folder`: roll a pending record forward, drop the staging folders and
+    temporary files of dead writers."""
+    folder = Path(folder)
+    if not folder.is_dir() or not (_records(folder) or _stagings(folder) or _temporaries(folder)):
+        return
+    if not os.access(folder, os.W_OK):
+        if _records(folder):
+            raise PermissionError(
+                f"{folder} holds an interrupted save (a {RECORD_PREFIX}*.json record) and is read-only here: open "
+                "it once with write access to finish the save, or copy the folder somewhere writable."
+            )
+        return
+    if _records(folder):
+        with _flock(folder, exclusive=True):
+            for record in _records(folder):
+                _apply_record(folder, record)
+            _clean_stagings(folder)
+        return
+    # Only leftovers of dead writers (or a live writer's staging): clean them when the folder is free, never wait
+    # (a reader of this folder in this very process holds its shared lock, and would deadlock on its own).
+    try:
+        with _flock(folder, exclusive=True, blocking=False):
+            _clean_stagings(folder)
+    except BlockingIOError:
+        pass
+
+
+@contextmanager
+def reading_folder(folder: str | os.PathLike) -> Iterator[None]:
+    """Recover `folder`, then hold its shared lock while the caller reads it (no save can commit meanwhile)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        yield
+        return
+    while True:
+        recover_folder(folder)
+        with _flock(folder, exclusive=False) as held:
+            if not held or not _records(folder):
+                yield
+                return
+        # A writer died between our recovery and our lock: recover again.
+
+
+class FolderCommit:
+    """`with FolderCommit(folder, stale=patterns) as staging:` write the new version's files into `staging`; on a
+    clean exit they replace the folder's files as one commit (see the module docstring).
+
+    `stale`: patterns (fnmatch on posix paths relative to the folder; "dir/**" for a whole subfolder) of the files
+    that belong to the artefact: those the new version does not write again are deleted. Files matching no pattern
+    are foreign and kept. An exception inside the block discards the staging folder and leaves the folder as it was.
+    """
+
+    def __init__(self, folder: str | os.PathLike, stale: Sequence[str] = ()):
+        self.folder = Path(folder)
+        self.stale = tuple(stale)
+        self.staging: Path | None = None
+        self._lock: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> Path:
+        if self.folder.is_file():
+            raise ValueError(f"{self.folder} is a file; give a folder.")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        recover_folder(self.folder)
+        self._lock = contextlib.ExitStack()
+        # Under the folder's shared lock, so no recovery can take the new staging folder for a dead writer's.
+        with _flock(self.folder, exclusive=False):
+            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.folder))
+            self._lock.enter_context(_flock(self.staging, exclusive=True))
+        return self.staging
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            self._lock.close()
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _commit(self) -> None:
+        staging, folder = self.staging, self.folder
+        files = _relative_files(staging)
+        for relative in files:
+            with open(staging / relative, "rb") as stream:
+                os.fsync(stream.fileno())
+        for current, _, _ in os.walk(staging):
+            _fsync_dir(current)
+        for relative in files:  # refused before any record: a roll-forward must never fail
+            parts = relative.split("/")
+            in_the_way = [folder.joinpath(*parts[:i]) for i in range(1, len(parts))]
+            if (folder / relative).is_dir() or any(p.is_file() for p in in_the_way):
+                raise ValueError(
+                    f"Cannot save {relative!r} into {folder}: a file stands where a folder is needed, or a folder "
+                    "where a file is needed. Move it away or save elsewhere."
+                )
+        _fault_point("commit:staged")
+        with _flock(folder, exclusive=True):
+            for record in _records(folder):
+                _apply_record(folder, record)
+            new = set(files)
+            delete = [p for p in _relative_files(folder) if p not in new and _matches(p, self.stale)]
+            record = {"staging": staging.name, "files": files, "delete": delete}
+            name = f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            with atomic_write(folder / name) as stream:
+                json.dump(record, stream)
+            _fsync_dir(folder)
+            _fault_point("commit:recorded")
+            _apply_record(folder, folder / name)
+# the helpers of hf_kadapter/utils/fingerprint.py
+FINGERPRINT_VERSION = "fp2"
+_VIEW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SEGMENT = 1 << 22  # elements hashed as one independent task
+_BLOCK = 1 << 15  # elements converted to a view at once: in cache, and under torch's parallel grain size
+
+
+class FingerprintDtypeError(ValueError):
+    """Two fingerprints come from float16 and bfloat16 copies: nothing can tell whether the weights are the same."""
+
+
+def _native_and_views(dtypes: set[torch.dtype]) -> tuple[str, tuple[str, ...]]:
+    """(native dtype name, views the weights can be hashed in) for the floating dtypes of a model."""
+    names = {str(d).removeprefix("torch.") for d in dtypes} - {"float64"}
+    if names <= {"float32"}:
+        return "float32", tuple(_VIEW_DTYPES)
+    halves = names - {"float32"}
+    if len(halves) == 1 and next(iter(halves)) in _VIEW_DTYPES:
+        half = next(iter(halves))
+        return half, (half,)
+    return "mixed", ("raw",)
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _segment_digests(flat: torch.Tensor, views: tuple[str, ...]) -> dict[str, bytes]:
+    """Digest of one segment of a flat CPU tensor in each view. Views in the tensor's own dtype hash its bytes at once;
+    the others are converted block by block through reused buffers (blocks stay under torch's parallel grain size:
+    OpenMP threads spun up per small copy made this ten times slower on a busy machine)."""
+    hashers = {view: xxhash.xxh3_128() for view in views}
+    floating = flat.is_floating_point()
+    if floating and flat.dtype == torch.float64:
+        flat = flat.to(torch.float32)  # float64 counts as float32: its fp16 view is RNE16(RNE32(x))
+    converted = [v for v in views if floating and v != "raw" and flat.dtype != _VIEW_DTYPES[v]]
+    for view in views:
+        if view not in converted:
+            hashers[view].update(_as_bytes(flat))
+    buffers = {view: torch.empty(min(_BLOCK, flat.numel()), dtype=_VIEW_DTYPES[view]) for view in converted}
+    for start in range(0, flat.numel() if converted else 0, _BLOCK):
+        part = flat[start : start + _BLOCK]
+        for view in converted:
+            data = buffers[view][: part.numel()]
+            data.copy_(part)
+            hashers[view].update(_as_bytes(data))
+    return {view: hasher.digest() for view, hasher in hashers.items()}
+
+
+def _digests(named: list[tuple[str, torch.Tensor]], views: tuple[str, ...]) -> dict[str, str]:
+    """Per view: xxh3-128 over (name, shape, kind, segment digests) of every tensor, in name order."""
+    # One thread: xxhash holds the GIL (threads would not hash faster), torch's own threads convert, and a thread
+    # pool would break in forked processes (torch's OpenMP pool is invalid in a fork's new threads).
+    segments = []
+    for _, tensor in named:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        for start in range(0, max(flat.numel(), 1), _SEGMENT):
+            segments.append(_segment_digests(flat[start : start + _SEGMENT], views))
+    totals = {view: xxhash.xxh3_128() for view in views}
+    position = 0
+    for name, tensor in named:
+        count = max(1, -(-tensor.numel() // _SEGMENT))
+        kind = "float" if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
+        for view, total in totals.items():
+            total.update(f"{name}|{tuple(tensor.shape)}|{kind}|".encode())
+            for digest in segments[position : position + count]:
+                total.update(digest[view])
+        position += count
+    return {view: total.hexdigest() for view, total in totals.items()}
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], views: Sequence[str] | None = None) -> str | None:
+    """The fingerprint of named tensors (all the views their dtype allows, or only `views`); None when a tensor is
+    on the meta device (weights not loaded) or xxhash is missing (remote code outside hf_kadapter)."""
+    named = sorted(named, key=lambda item: item[0])
+    if xxhash is None or any(tensor.device.type == "meta" for _, tensor in named):
+        return None
+    native, available = _native_and_views({t.dtype for _, t in named if t.is_floating_point()})
+    wanted = available if views is None else tuple(v for v in available if v in views)
+    digests = _digests(named, wanted)
+    return f"{FINGERPRINT_VERSION}:{native}:" + ",".join(f"{view}={digests[view]}" for view in wanted)
+
+
+def _is_lora_key(key: str) -> bool:
+    return "lora_" in key
+
+
+def base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A base encoder's named weights as fingerprinted: every tensor of its state_dict but the pooler (K-Adapter
+    never uses it) and LoRA add-ons, with peft's `.base_layer.` folded away (LoRA does not change the base)."""
+    return [
+        (name.replace(".base_layer.", "."), tensor)
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("pooler.") and not _is_lora_key(name)
+    ]
+
+
+def base_fingerprint(model: nn.Module) -> str | None:
+    """The fingerprint of a base encoder (see base_tensors): what K-Adapter adapters and feature caches record."""
+    return fingerprint_tensors(base_tensors(model))
+
+
+def parse_fingerprint(value: str | None) -> tuple[str, dict[str, str]] | None:
+    """(native dtype, {view: digest}) of a stored fingerprint; None for anything else (an older format)."""
+    if not isinstance(value, str) or not value.startswith(FINGERPRINT_VERSION + ":"):
+        return None
+    try:
+        _, native, rest = value.split(":", 2)
+        views = dict(item.split("=", 1) for item in rest.split(","))
+    except ValueError:
+        return None
+    return native, views
+
+
+def comparison_view(native_a: str, native_b: str) -> str:
+    """The view two fingerprints are compared in: the lower precision side's dtype."""
+    if native_a == native_b:
+        return "raw" if native_a == "mixed" else native_a
+    if native_a == "float32" and native_b != "mixed":
+        return native_b
+    if native_b == "float32" and native_a != "mixed":
+        return native_a
+    raise FingerprintDtypeError(
+        f"Cannot check weights recorded in {native_a} against weights in {native_b}: float16 and bfloat16 copies of "
+        "the same weights round differently, so neither can be verified from the other. Load the model in float32 "
+        "(dtype=torch.float32) or in the dtype it was recorded with, or skip the check (check_base=False for "
+        "K-Adapter, check=False for PELT) if you know the weights are the same."
+    )
+
+
+def compare_fingerprints(a: str | None, b: str | None) -> bool | None:
+    """True when two stored fingerprints describe the same weights, False when not, None when one of them cannot
+    be verified (missing, or written by an older hf_kadapter). Raises FingerprintDtypeError for fp16 vs bf16."""
+    parsed_a, parsed_b = parse_fingerprint(a), parse_fingerprint(b)
+    if parsed_a is None or parsed_b is None:
+        return None
+    view = comparison_view(parsed_a[0], parsed_b[0])
+    if view not in parsed_a[1] or view not in parsed_b[1]:
+        return None
+    return parsed_a[1][view] == parsed_b[1][view]
+
+
+def tensors_match_fingerprint(named: Iterable[tuple[str, torch.Tensor]], stored: str | None) -> bool | None:
+    """compare_fingerprints(fingerprint of `named`, stored), hashing only the one view the comparison needs."""
+    parsed = parse_fingerprint(stored)
+    if parsed is None:
+        return None
+    named = list(named)
+    native, _ = _native_and_views({t.dtype for _, t in named if t.is_floating_point()})
+    view = comparison_view(native, parsed[0])
+    if view not in parsed[1]:
+        return None
+    computed = fingerprint_tensors(named, views=(view,))
+    return None if computed is None else compare_fingerprints(computed, stored)
+
+
+# --- private copies of hf_kadapter.utils (end) ---
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
-def base_fingerprint(model: nn.Module, sample: int = 512) -> str | None:
-    """Digest of a base model's weights: names, shapes and the first/last `sample` values of every float tensor.
-
-    Values are rounded to bfloat16 first, so the same weights loaded in fp32, fp16 or bf16 agree, while another
-    checkpoint (or another random init) differs. The pooler is skipped: K-Adapter never uses it.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith("pooler.") or _is_lora_key(name) or not tensor.is_floating_point():
-            continue
-        if tensor.device.type == "meta":
-            return None
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() > 2 * sample:
-            flat = torch.cat([flat[:sample], flat[-sample:]])
-        values = flat.to("cpu", torch.bfloat16).float().numpy().tobytes()
-        digest.update(f"{name.replace('.base_layer.', '.')}:{tuple(tensor.shape)}".encode())
-        digest.update(values)
-    return "sha256:" + digest.hexdigest()[:40]
-
-
 def _base_init_kwargs(base_config) -> dict[str, Any]:
     """K-Adapter never reads the pooler: drop it where the architecture allows (saves memory, no unused params)."""
     try:
@@ -185,6 +700,7 @@ def _weight_files(name_or_path: str | os.PathLike, download_kwargs: dict[str, An
     """Resolve the safetensors file(s) of a checkpoint (single file or sharded), locally or from the Hub."""
     single = cached_file(name_or_path, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **download_kwargs)
     if single is not None:
+        check_safetensors(single)  # a file cut short is named, not reported as "incomplete metadata"
         return [single]
     index = cached_file(
         name_or_path, WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **download_kwargs
@@ -194,9 +710,14 @@ def _weight_files(name_or_path: str | os.PathLike, download_kwargs: dict[str, An
             f"{name_or_path} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}: it is not a K-Adapter checkpoint saved "
             "with save_pretrained (only safetensors checkpoints are read)."
         )
-    with open(index, encoding="utf-8") as handle:
-        shards = sorted(set(json.load(handle)["weight_map"].values()))
-    return [cached_file(name_or_path, shard, **download_kwargs) for shard in shards]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise DamagedFileError(index, "it has no weight_map")
+    shards = sorted(set(weight_map.values()))
+    files = [cached_file(name_or_path, shard, **download_kwargs) for shard in shards]
+    for file in files:
+        check_safetensors(file)  # a shard cut short is named, not reported as "incomplete metadata"
+    return files
 
 
 def _checkpoint_keys(files: list[str]) -> list[str]:
@@ -217,12 +738,36 @@ def _read_tensors(files: list[str], keep=lambda key: True) -> dict[str, torch.Te
     return tensors
 
 
+def _local_folder(name_or_path: Any) -> contextlib.AbstractContextManager:
+    """reading_folder for a local folder (finish an interrupted save, then read under its lock); nothing for a Hub id."""
+    if name_or_path is not None and os.path.isdir(name_or_path):
+        return reading_folder(name_or_path)
+    return contextlib.nullcontext()
+
+
+def _fingerprint_check(same: Any, what: str) -> bool:
+    """Whether a base check passed: `same` is a comparison's result (True/False/None) or a FingerprintDtypeError."""
+    if isinstance(same, FingerprintDtypeError):
+        raise KAdapterBaseMismatchError(f"{what}: {same}") from same
+    if same is None:
+        logger.warning(
+            "%s: the recorded base fingerprint was written by an older hf_kadapter (or is missing) and cannot be "
+            "verified; skipping the check. Save the model again to record a new one.",
+            what,
+        )
+        return True
+    return bool(same)
+
+
+def _compare(compute) -> Any:
+    try:
+        return compute()
+    except FingerprintDtypeError as error:
+        return error
+
+
 def _strip_prefix(key: str) -> str:
     return key[len("kadapter.") :] if key.startswith("kadapter.") else key
-
-
-def _is_lora_key(key: str) -> bool:
-    return "lora_" in key
 
 
 def _is_base_key(key: str) -> bool:
@@ -745,6 +1290,10 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         here. The adapter must have been trained on this model's base: hidden size and weights fingerprint are
         checked, and a mismatch raises KAdapterBaseMismatchError (pass check_base=False to override the latter).
         """
+        with _local_folder(pretrained_model_name_or_path):
+            return self._load_adapter(pretrained_model_name_or_path, name, adapter_name, freeze, check_base, download_kwargs)
+
+    def _load_adapter(self, pretrained_model_name_or_path, name, adapter_name, freeze, check_base, download_kwargs):
         source = KAdapterConfig.from_pretrained(pretrained_model_name_or_path, **download_kwargs)
         if name is None:
             if len(source.adapters) != 1:
@@ -763,7 +1312,10 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 f"({self.config.base_model_name_or_path}). Load it onto the base it was trained on."
             )
         trained_on = spec.base_fingerprint or source.base_fingerprint
-        if check_base and trained_on and self.config.base_fingerprint and trained_on != self.config.base_fingerprint:
+        what = f"Adapter {name!r} from {pretrained_model_name_or_path}"
+        if check_base and not _fingerprint_check(
+            _compare(lambda: compare_fingerprints(trained_on, self.config.base_fingerprint)), what
+        ):
             raise KAdapterBaseMismatchError(
                 f"Adapter {name!r} from {pretrained_model_name_or_path} was trained on other base weights "
                 f"({source.base_model_name_or_path}, fingerprint {trained_on}) than this model's base "
@@ -875,8 +1427,20 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         **kwargs: Any,
     ):
         """Load a K-Adapter checkpoint. Adapter-only checkpoints rebuild the base from `base_model` if given,
-        else from the recorded `base_model_name_or_path`, after checking the base's fingerprint. The model follows
-        the base's dtype and device unless `dtype=` says otherwise."""
+        else from the recorded `base_model_name_or_path`, after checking the base's fingerprint (float32, float16
+        and bfloat16 copies of the same base pass; see base_fingerprint). The model follows the base's dtype and
+        device unless `dtype=` says otherwise.
+
+        A local folder is read after any interrupted save in it is finished, under its lock. Adapter, fusion and
+        base tensors the checkpoint lacks are refused (never filled with random weights); a new task head is not.
+        """
+        with _local_folder(pretrained_model_name_or_path):
+            return cls._from_pretrained(pretrained_model_name_or_path, *model_args, base_model=base_model,
+                                        check_base=check_base, **kwargs)  # fmt: skip
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, base_model=None, check_base=True, **kwargs):
+        wants_info = bool(kwargs.pop("output_loading_info", False))
         download_kwargs = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
         config = kwargs.get("config")
         if not isinstance(config, PreTrainedConfig):  # (remote code may hand over its own copy of KAdapterConfig)
@@ -884,9 +1448,12 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         files = _weight_files(pretrained_model_name_or_path, download_kwargs)
         has_base = any(_is_base_key(k) for k in _checkpoint_keys(files))
         if has_base and base_model is None:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-            (loaded[0] if isinstance(loaded, tuple) else loaded)._apply_trainability()
-            return loaded
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+            model._refuse_missing(info, pretrained_model_name_or_path)
+            model._apply_trainability()
+            return (model, info) if wants_info else model
 
         if base_model is None or isinstance(base_model, (str, os.PathLike)):
             base_kwargs = dict(download_kwargs)
@@ -898,12 +1465,14 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 **base_kwargs,
             )
         base_model = _bare_encoder(base_model)
-        fingerprint = base_fingerprint(base_model)
-        if check_base and config.base_fingerprint and fingerprint != config.base_fingerprint:
+        what = f"The base given for {pretrained_model_name_or_path}"
+        if check_base and not _fingerprint_check(
+            _compare(lambda: tensors_match_fingerprint(base_tensors(base_model), config.base_fingerprint)), what
+        ):
             raise KAdapterBaseMismatchError(
-                f"The base given for {pretrained_model_name_or_path} has other weights (fingerprint {fingerprint}) "
-                f"than the base its adapters were trained on ({config.base_model_name_or_path}, fingerprint "
-                f"{config.base_fingerprint}). Pass the right base_model, or check_base=False to override."
+                f"{what} has other weights (fingerprint {base_fingerprint(base_model)}) than the base its adapters "
+                f"were trained on ({config.base_model_name_or_path}, fingerprint {config.base_fingerprint}). Pass the "
+                "right base_model, or check_base=False to override."
             )
         if config.base_lora:
             inject_base_lora(base_model, config.base_lora)  # the checkpoint's LoRA weights fill it below
@@ -926,7 +1495,10 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         # transformers takes a state_dict only without a checkpoint name: the config is read from the folder instead.
         kwargs.setdefault("config", str(pretrained_model_name_or_path))
         with _held_load_reports() as reports:
-            loaded = super().from_pretrained(None, *model_args, state_dict=state, **kwargs)
+            model, info = super().from_pretrained(
+                None, *model_args, state_dict=state, output_loading_info=True, **kwargs
+            )
+        model._refuse_missing(info, pretrained_model_name_or_path)
         saved_as = (config.architectures or [cls.__name__])[0]
         saved_class = globals().get(saved_as)
         for report in reports:  # transformers names the checkpoint "None" here: name it, and say what was dropped
@@ -943,12 +1515,28 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 else ""
             )
             logger.warning(report + hint)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.config.name_or_path = str(pretrained_model_name_or_path)
         if reference.device.type != "meta" and kwargs.get("device_map") is None:
             model.to(reference.device)
         model._apply_trainability()
-        return loaded
+        return (model, info) if wants_info else model
+
+    def _refuse_missing(self, info: dict[str, Any], source: Any) -> None:
+        """Refuse a checkpoint that lacks adapter, fusion or base tensors (transformers would fill them with random
+        weights and only print a report); a task head new to this class is fine (it is what fine-tuning trains)."""
+        layout = "" if self._is_core else self.base_model_prefix + "."
+        missing = [
+            key
+            for key in info.get("missing_keys", [])
+            if key.startswith(layout) and key[len(layout) :].split(".")[0] in ("adapters", "fusion", BASE_KEY)
+        ]
+        if missing:
+            raise ValueError(
+                f"{source} lacks {len(missing)} tensors of its adapters, fusion or base ({sorted(missing)[:5]}): "
+                "loading would fill them with random weights. The checkpoint is incomplete or was saved from another "
+                "configuration: save it again from the trained model, or load the adapters it does hold with "
+                "load_adapter."
+            )
 
     # ----- saving and sharing ------------------------------------------------------------------------------------
     def save_pretrained(
@@ -961,7 +1549,10 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Save adapters, fusion, head and config (plus the remote code and a model card), atomically.
+        """Save adapters, fusion, head and config (plus the remote code and a model card) as one folder commit: a
+        reader (or a resumed training run) sees the previous save or this one, never a mix, wherever a kill lands.
+        Other files in the folder (a Trainer's checkpoint-* folders, training_args.bin ...) are left alone; saving
+        into the folder the model was loaded from works.
 
         `save_base=None` saves the base only when it is being trained (the paper's fine-tuning regime); a frozen
         base is rebuilt from `base_model_name_or_path` on load. Never writes adapter_config.json (PEFT's name).
@@ -992,9 +1583,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         if not is_main_process:
             return
         save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".kadapter-save-", dir=save_directory))
-        try:
+        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
             self.config.auto_map = dict(AUTO_MAP)
             super().save_pretrained(staging, state_dict=state_dict, is_main_process=True, **kwargs)
             here = Path(__file__).resolve().parent
@@ -1002,13 +1591,6 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 shutil.copyfile(here / source, staging / source)
             if card_is_ours(save_directory / "README.md"):
                 (staging / "README.md").write_text(self._model_card(save_base), encoding="utf-8")
-            stale = {p.name for p in save_directory.glob("model*.safetensors*")} - {p.name for p in staging.iterdir()}
-            for name in stale:
-                (save_directory / name).unlink()
-            for item in staging.iterdir():
-                os.replace(item, save_directory / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         if push_to_hub:
             self.push_to_hub(
                 push_kwargs.pop("repo_id", None) or save_directory.name, save_base=save_base, **push_kwargs
@@ -1237,8 +1819,11 @@ class KAdapterModel(KAdapterPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------------------------
-def _gather(features: torch.Tensor, positions: torch.Tensor | None, argument: str) -> torch.Tensor:
-    """Features at one position per example (the marker tokens of entity and relation heads)."""
+def _gather(
+    features: torch.Tensor, positions: torch.Tensor | None, argument: str, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Features at one position per example (the marker tokens of entity and relation heads); a position outside
+    the sequence or on padding is refused (the head would read a feature that belongs to no token)."""
     if positions is None:
         raise ValueError(f"{argument} is required: the position of the marker token in each example.")
     positions = torch.as_tensor(positions, device=features.device).long()
@@ -1254,7 +1839,18 @@ def _gather(features: torch.Tensor, positions: torch.Tensor | None, argument: st
             f"{argument} has positions {positions.tolist()} outside the sequence length {length}: the marker was "
             "probably truncated away; raise max_length or drop those examples."
         )
-    return features[torch.arange(features.shape[0], device=features.device), positions]
+    rows = torch.arange(features.shape[0], device=features.device)
+    if attention_mask is not None:
+        padded = attention_mask.to(features.device)[rows, positions] == 0
+        if bool(padded.any()):
+            bad = torch.nonzero(padded).flatten().tolist()
+            raise ValueError(
+                f"{argument} points into padding for examples {bad[:10]} (positions "
+                f"{positions[padded].tolist()[:10]}, where attention_mask is 0): the marker was probably truncated "
+                "away or the positions were computed for another tokenization. Recompute them with the "
+                "preprocessing functions (hf_kadapter.kadapter.data) or drop those examples."
+            )
+    return features[rows, positions]
 
 
 def _classification_loss(config: KAdapterConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1342,7 +1938,7 @@ class KAdapterForEntityTyping(_KAdapterHeadModel):
         out = self._encode(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
         )
-        logits = self.classifier(_gather(out.last_hidden_state, entity_positions, "entity_positions"))
+        logits = self.classifier(_gather(out.last_hidden_state, entity_positions, "entity_positions", attention_mask))
         loss = None if labels is None else F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 
@@ -1353,9 +1949,9 @@ class KAdapterForRelationClassification(_KAdapterHeadModel):
     def _build_head(self, hidden: int, num_labels: int) -> None:
         self.classifier = KAdapterClassificationHead(2 * hidden, hidden, num_labels, self.head_dropout)
 
-    def _pair_features(self, features, subject_positions, object_positions) -> torch.Tensor:
-        subject = _gather(features, subject_positions, "subject_positions")
-        return torch.cat([subject, _gather(features, object_positions, "object_positions")], dim=-1)
+    def _pair_features(self, features, subject_positions, object_positions, attention_mask=None) -> torch.Tensor:
+        subject = _gather(features, subject_positions, "subject_positions", attention_mask)
+        return torch.cat([subject, _gather(features, object_positions, "object_positions", attention_mask)], dim=-1)
 
     def forward(
         self,
@@ -1374,7 +1970,7 @@ class KAdapterForRelationClassification(_KAdapterHeadModel):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
         )
         features = self._features(out)
-        logits = self.classifier(self._pair_features(features, subject_positions, object_positions))
+        logits = self.classifier(self._pair_features(features, subject_positions, object_positions, attention_mask))
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 
@@ -1442,7 +2038,7 @@ class KAdapterForFactualPretraining(_KAdapterPretrainingMixin, KAdapterForRelati
         features = self._adapter_features(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
         )
-        logits = self.classifier(self._pair_features(features, subject_positions, object_positions))
+        logits = self.classifier(self._pair_features(features, subject_positions, object_positions, attention_mask))
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 
@@ -1499,6 +2095,18 @@ class KAdapterForDependencyPretraining(_KAdapterPretrainingMixin, _KAdapterHeadM
                     f"Dependency-head labels must be positions in [0, {length}) or -100 (ignored); got "
                     f"{sorted(set(labels[labelled].tolist()))[:10]}."
                 )
+            if attention_mask is not None:
+                # A head in padding can never be predicted (its logit is masked): the loss would be ~3.4e38.
+                targets = attention_mask.gather(1, labels.clamp(min=0).to(attention_mask.device)) == 0
+                into_padding = targets.to(labelled.device) & labelled
+                if bool(into_padding.any()):
+                    where = torch.nonzero(into_padding)[:5].tolist()
+                    raise ValueError(
+                        f"Dependency-head labels point into padding (attention_mask 0) at (example, token) {where}: "
+                        "a head there can never be predicted. The labels were computed for another tokenization or "
+                        "padding side: recompute them with preprocess_dependency and pad on the right, or set those "
+                        "labels to -100."
+                    )
             loss = F.cross_entropy(logits.reshape(-1, length), labels.reshape(-1), ignore_index=-100)
         return _finish(TokenClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 

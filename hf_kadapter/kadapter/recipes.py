@@ -12,17 +12,18 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..file_utils import write_json_atomic
+from ..utils.io import DamagedFileError, read_json, recover_folder, safetensors_problem, write_json_atomic
 from .configuration_kadapter import KnowledgeAdapterConfig, default_tap_layers
 from .modeling_kadapter import KAdapterPreTrainedModel, load_base_model
 
@@ -235,10 +236,10 @@ def check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite:
 def _check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite: bool) -> None:
     folder = Path(training_args.output_dir)
     current = run_record(parsed, training_args)
-    trained = folder.is_dir() and (get_last_checkpoint(str(folder)) or (folder / "trainer_state.json").exists())
+    trained = folder.is_dir() and (bool(_checkpoints(folder)) or (folder / "trainer_state.json").exists())
     if trained and not overwrite and training_args.resume_from_checkpoint is None:
         path = folder / RUN_RECORD
-        previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        previous = read_json(path) if path.is_file() else None
         if previous is None:
             changed = ["(no record of the arguments of the run there)"]
         else:
@@ -365,15 +366,107 @@ def apply_regime(model: KAdapterPreTrainedModel, args: FineTuningArguments) -> N
     logger.info("regime %s: %s of %s parameters train", args.regime, f"{trainable:,}", f"{total:,}")
 
 
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def checkpoint_problem(folder: str | os.PathLike, require_optimizer: bool = False) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (None when it is complete).
+
+    Trainer writes the model, then optimizer/scheduler/scaler/RNG states, then trainer_state.json, each in place; a
+    kill during that leaves a folder without (or with half of) trainer_state.json, or with a file cut short. So a
+    checkpoint is complete when trainer_state.json parses, the model weights are there and whole (safetensors
+    headers agree with file sizes; an interrupted K-Adapter save is finished first), and every torch file
+    (optimizer.pt, scheduler.pt, rng_state*.pth ...) is a whole zip archive. Nothing is unpickled.
+    `require_optimizer` (a run that saves optimizer states, i.e. not save_only_model) also needs optimizer.pt and the
+    RNG states, without which the resumed run would not be the uninterrupted one.
+    """
+    folder = Path(folder)
+    try:
+        recover_folder(folder)
+        state = read_json(folder / TRAINER_STATE_NAME)
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE_NAME} (the save was interrupted)"
+    except (DamagedFileError, OSError) as error:
+        return str(error)
+    if not isinstance(state, dict) or "global_step" not in state:
+        return f"{TRAINER_STATE_NAME} has no global_step"
+    weights = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(read_json(index)["weight_map"].values())
+        except (DamagedFileError, KeyError, TypeError, AttributeError) as error:
+            return f"its weight index cannot be read ({error})"
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            return f"weight shards {missing[:3]} are missing"
+    if not weights and not any(folder.glob("*.bin")):
+        return "no model weights"
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem is not None:
+            return f"{path.name}: {problem}"
+    if require_optimizer:
+        if not (folder / "optimizer.pt").is_file():
+            return "no optimizer.pt"
+        if not any(folder.glob("rng_state*.pth")):
+            return "no rng_state*.pth"
+    for path in [*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]:
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is not a whole torch archive (cut short?)"
+    return None
+
+
+def _checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, path) of the checkpoint-N folders in `output_dir`, by step."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for entry in os.scandir(output_dir):
+        match = _CHECKPOINT.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry.path))
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: bool = False) -> str | None:
+    """The newest checkpoint-N folder in `output_dir` that is complete (see checkpoint_problem); incomplete newer
+    ones (a kill during a checkpoint save) are skipped, each named in the log with the reason."""
+    for _, path in reversed(_checkpoints(output_dir)):
+        problem = checkpoint_problem(path, require_optimizer)
+        if problem is None:
+            return path
+        logger.warning("Skipping incomplete checkpoint %s: %s", path, problem)
+    return None
+
+
 def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
-    """Train (resuming from the last checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate; the
-    metrics are printed and saved (train_results.json, eval_results.json, all_results.json) as in transformers'
-    example scripts."""
+    """Train (resuming from the last COMPLETE checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate;
+    the metrics are printed and saved (train_results.json, eval_results.json, all_results.json) as in transformers'
+    example scripts.
+
+    A kill at any point, during a checkpoint save included, is resumed from the newest checkpoint that is whole (the
+    incomplete ones are skipped and logged); the result is the same as an uninterrupted run.
+    """
     metrics: dict[str, float] = {}
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
-        if checkpoint is None and os.path.isdir(training_args.output_dir):
-            checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is not None:
+            problem = (
+                checkpoint_problem(checkpoint, not training_args.save_only_model)
+                if os.path.isdir(checkpoint)
+                else "it is not a folder"
+            )
+            if problem is not None:
+                raise ValueError(
+                    f"--resume_from_checkpoint {checkpoint} cannot be resumed from: {problem}. Pick another "
+                    "checkpoint, or leave the option out to resume from the last complete one in output_dir."
+                )
+        else:
+            checkpoint = last_complete_checkpoint(training_args.output_dir, not training_args.save_only_model)
+        if checkpoint is not None:
+            logger.info("Resuming from %s.", checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         train_metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}

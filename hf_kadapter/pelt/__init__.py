@@ -9,7 +9,7 @@ from .build import build_entity_table, lm_head_transform, load_entity_corpus
 from .collator import PELTDataCollator
 from .configuration_pelt import PELTConfig
 from .modeling_pelt import PELTModel, PELTPreTrainedModel, fill_mask, pelt_inputs_embeds, pelt_position_ids
-from .table import EntityLookupTable, EntityTableMismatchError, model_fingerprint
+from .table import EntityLookupTable, EntityTableMismatchError, lm_head_fingerprint, model_fingerprint
 from .tokenization_pelt import AliasLinker, PELTEncoding, PELTTokenizer
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "PELTTokenizer",
     "build_entity_table",
     "fill_mask",
+    "lm_head_fingerprint",
     "lm_head_transform",
     "load_entity_corpus",
     "model_fingerprint",

@@ -25,12 +25,12 @@ every process returns the full table; the main process saves it. `output_dir` mu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,31 +43,26 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..file_utils import save_tensors_atomic, write_json_atomic
-from ..kadapter.data.records import (
-    DataFormatError,
-    DataReport,
-    RecordError,
-    check_on_error,
-    load_records,
-    require,
+from ..utils.io import (
+    BUILD_LOCK_NAME,
+    FolderCommit,
+    build_lock,
+    read_json,
+    safetensors_problem,
+    save_tensors_atomic,
+    write_json_atomic,
 )
-from .table import (
-    CONFIG_NAME,
-    EntityLookupTable,
-    _is_kadapter,
-    _unwrap,
-    model_fingerprint,
-)
+from ..utils.records import DataFormatError, DataReport, RecordError, check_on_error, load_records, require
+from .lm_head import _resolve_transform, _unwrap, lm_head_transform
+from .table import CONFIG_NAME, EntityLookupTable, lm_head_fingerprint, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = "partial"
 STATE_NAME = "build_state.json"
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: fingerprints of every weight (hf_kadapter.utils.fingerprint), the LM head's included
 # Long texts are cut (at whitespace) to this many characters per mask token budget on each side before tokenizing;
 # a cut side that then gives fewer tokens than the window needs is tokenized again uncut, so the window is exact.
 _CHARS_PER_TOKEN = 32
@@ -77,6 +72,7 @@ _READ_BLOCK = 2048
 _PLAN_FIELDS = (
     "build_format",
     "model_fingerprint",
+    "lm_head_fingerprint",
     "model_dtype",
     "transform",
     "tokenizer_digest",
@@ -175,58 +171,6 @@ def _iter_blocks(corpus: datasets.Dataset) -> Iterator[tuple[int, list[str], lis
     for start in range(0, len(corpus), _READ_BLOCK):
         block = corpus[start : start + _READ_BLOCK]
         yield start, block["text"], block["mentions"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The LM head's transform
-# ---------------------------------------------------------------------------------------------------------------
-def _module_gelu(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation the head's own code applies (RoBERTa-style heads call their module's `gelu`)."""
-    gelu = getattr(sys.modules.get(type(module).__module__), "gelu", None)
-    return gelu if callable(gelu) else F.gelu
-
-
-def _resolve_transform(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """(kind, function) of the masked LM's head transform: dense -> activation -> layer norm, no decoder."""
-    model = _unwrap(model)
-    if _is_kadapter(model):
-        raise TypeError(
-            f"{type(model).__name__} is a K-Adapter model: it has no masked-LM head. Build the table with the masked "
-            "LM of its base (AutoModelForMaskedLM.from_pretrained(model.config.base_model_name_or_path)); the table "
-            "then works with the K-Adapter model, which shares that base's fingerprint."
-        )
-    predictions = getattr(getattr(model, "cls", None), "predictions", None)
-    if isinstance(getattr(predictions, "transform", None), nn.Module):  # BERT family: cls.predictions.transform
-        return "bert", predictions.transform
-    head = getattr(model, "lm_head", None)
-    if all(isinstance(getattr(head, name, None), nn.Module) for name in ("dense", "layer_norm")):  # RoBERTa family
-        activation = _module_gelu(head)
-        return "roberta", lambda hidden: head.layer_norm(activation(head.dense(hidden)))
-    generator = getattr(model, "generator_predictions", None)
-    if all(isinstance(getattr(generator, n, None), nn.Module) for n in ("dense", "activation", "LayerNorm")):
-        return "electra", generator  # ELECTRA generator: its forward is exactly the transform
-    head = getattr(model, "predictions", None)
-    if all(isinstance(getattr(head, n, None), nn.Module) for n in ("dense", "activation", "LayerNorm", "decoder")):
-        return "albert", lambda hidden: head.LayerNorm(head.activation(head.dense(hidden)))
-    if all(isinstance(getattr(model, n, None), nn.Module) for n in ("vocab_transform", "vocab_layer_norm")):
-        activation = getattr(model, "activation", None) or F.gelu
-        return "distilbert", lambda hidden: model.vocab_layer_norm(activation(model.vocab_transform(hidden)))
-    raise TypeError(
-        f"{type(model).__name__} has no masked-LM head transform that PELT knows. Supported: BERT-style "
-        "`cls.predictions.transform` (BertForMaskedLM ...), RoBERTa-style `lm_head.dense` + `lm_head.layer_norm` "
-        "(RobertaForMaskedLM, XLMRobertaForMaskedLM ...), ELECTRA `generator_predictions`, ALBERT `predictions`, "
-        "DistilBERT `vocab_transform` + `vocab_layer_norm`. Load the model with AutoModelForMaskedLM (a bare "
-        "encoder has no head)."
-    )
-
-
-def lm_head_transform(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The masked LM head's transform of encoder states (dense -> gelu -> layer norm), before the decoder.
-
-    Its output lives in the word-embedding space (the decoder is tied to the input embeddings), which is why PELT's
-    entity vectors can be plugged into the input.
-    """
-    return _resolve_transform(model)[1](hidden)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,16 +436,19 @@ def _read_chunk(path: Path, expected_occurrences: int) -> tuple[torch.Tensor, to
     the plan expects (then it is recomputed, never trusted)."""
     if not path.is_file():
         return None
+    problem = safetensors_problem(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if int(metadata.get("occurrences", -1)) != expected_occurrences:
-                return None
-            tensors = handle.get_tensor("rows"), handle.get_tensor("sums"), handle.get_tensor("counts")
-            return (*tensors, int(metadata.get("windowed", 0)))
-    except Exception:
-        logger.warning("%s is damaged; its chunk is computed again.", path)
-        return None
+        if problem is None:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                if int(metadata.get("occurrences", -1)) != expected_occurrences:
+                    return None
+                tensors = handle.get_tensor("rows"), handle.get_tensor("sums"), handle.get_tensor("counts")
+                return (*tensors, int(metadata.get("windowed", 0)))
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        problem = str(error)
+    logger.warning("%s is damaged (%s); its chunk is computed again.", path, problem)
+    return None
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -527,7 +474,7 @@ def _check_partial_state(output_dir: Path, state: dict[str, Any]) -> bool:
     path = output_dir / PARTIAL_DIR / STATE_NAME
     if not path.is_file():
         return False
-    old = json.loads(path.read_text(encoding="utf-8"))
+    old = read_json(path)
     differences = _differences(old, state)
     if differences:
         raise ValueError(
@@ -598,10 +545,11 @@ def build_entity_table(
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     processes = _Processes(accelerator, device)
-    fingerprint = model_fingerprint(model)
+    fingerprint, head_fingerprint = model_fingerprint(model), lm_head_fingerprint(model)
     state = {
         "build_format": BUILD_FORMAT,
         "model_fingerprint": fingerprint,
+        "lm_head_fingerprint": head_fingerprint,
         "model_dtype": str(dtype).removeprefix("torch."),
         "transform": kind,
         "tokenizer_digest": _tokenizer_digest(tokenizer, encoder),
@@ -617,118 +565,136 @@ def build_entity_table(
     aliases = [_aliases(e, entity_names, entity_aliases, plan.surfaces) for e in plan.entity_ids]
     plan_digest = "sha256:" + hashlib.sha256(json.dumps({k: state[k] for k in _PLAN_FIELDS}).encode()).hexdigest()
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        finished = _finished_table(out, plan_digest)
-        if finished is not None:
-            logger.info("%s already holds this entity table; loaded it instead of computing.", out)
-            # Labels and norm are not part of the computation: apply this call's, and save them if they changed.
-            if (finished.names, finished.aliases, finished.norm) != (names, aliases, float(norm)):
-                finished.names, finished.aliases, finished.norm = names, aliases, float(norm)
+    lock = contextlib.ExitStack()
+    if out is not None and processes.is_main:
+        # One builder per folder: a second one waits here, then finds the finished table (or resumes a killed one).
+        lock.enter_context(build_lock(out / PARTIAL_DIR))
+    with lock:
+        if out is not None:
+            finished = _finished_table(out, plan_digest)
+            if finished is not None:
+                logger.info("%s already holds this entity table; loaded it instead of computing.", out)
+                # Labels and norm are not part of the computation: apply this call's, and save them if they changed.
+                if (finished.names, finished.aliases, finished.norm) != (names, aliases, float(norm)):
+                    finished.names, finished.aliases, finished.norm = names, aliases, float(norm)
+                    if processes.is_main:
+                        finished.save_pretrained(out)
                 if processes.is_main:
-                    finished.save_pretrained(out)
+                    _drop_partial_if_only_the_lock(out)
+                processes.barrier()
+                return finished
+            resuming = _check_partial_state(out, state)
+            if processes.is_main and not resuming:
+                (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+                # Chunk files without a recorded plan (a build stopped before writing it) cannot be trusted.
+                for stale in (out / PARTIAL_DIR).glob("chunk-*.safetensors"):
+                    stale.unlink()
+                write_json_atomic(out / PARTIAL_DIR / STATE_NAME, {**state, "plan_digest": plan_digest})
             processes.barrier()
-            return finished
-        resuming = _check_partial_state(out, state)
-        if processes.is_main and not resuming:
-            (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
-            # Chunk files without a recorded plan (a build stopped before writing it) cannot be trusted.
-            for stale in (out / PARTIAL_DIR).glob("chunk-*.safetensors"):
-                stale.unlink()
-            write_json_atomic(out / PARTIAL_DIR / STATE_NAME, {**state, "plan_digest": plan_digest})
-        processes.barrier()
 
-    hidden = int(model.get_input_embeddings().embedding_dim)
-    sums = torch.zeros(len(plan.entity_ids), hidden, dtype=torch.float32)
-    counts = torch.zeros(len(plan.entity_ids), dtype=torch.long)
-    num_chunks = -(-len(plan) // chunk_size)
-    mine = list(range(processes.rank, num_chunks, processes.world))
-    total = sum(min(chunk_size, len(plan) - c * chunk_size) for c in mine)
-    windowed = 0
-    bar = tqdm(
-        total=total,
-        desc="Building entity table"
-        + (f" (process {processes.rank}/{processes.world})" if processes.world > 1 else ""),
-        unit="occ",
-        disable=not (progress and processes.is_main),
-    )
-    was_training = model.training
-    model.eval()
-    started = time.perf_counter()
-    reused = 0
-    try:
-        for chunk in mine:
-            first, last = chunk * chunk_size, min((chunk + 1) * chunk_size, len(plan))
-            loaded = _read_chunk(_chunk_path(out, chunk), last - first) if out is not None else None
-            if loaded is None:
-                rows, chunk_sums, chunk_counts, cut = _compute_chunk(
-                    plan, first, last, corpus, encoder, encoder_model, transform, batch_size, device, hidden, bar,
-                    _on_batch,
-                )  # fmt: skip
-                windowed += cut
-                if out is not None:
-                    save_tensors_atomic(
-                        _chunk_path(out, chunk),
-                        {"rows": rows, "sums": chunk_sums, "counts": chunk_counts},
-                        metadata={"chunk": str(chunk), "occurrences": str(last - first), "windowed": str(cut)},
-                    )
-            else:
-                rows, chunk_sums, chunk_counts, cut = loaded
-                windowed += cut
-                reused += last - first
-                bar.update(last - first)
-            sums.index_add_(0, rows, chunk_sums)
-            counts.index_add_(0, rows, chunk_counts)
-    finally:
-        bar.close()
-        model.train(was_training)
-    if reused:
-        logger.info("Resumed: %d of %d occurrences were read from finished chunks in %s.", reused, total, out)
-    elapsed = time.perf_counter() - started
-    sums, counts = processes.sum(sums), processes.sum(counts)
-    windowed = int(processes.sum(torch.tensor([windowed]))[0])
-    if not torch.equal(counts, torch.from_numpy(plan.counts)):
-        raise RuntimeError(
-            "The summed occurrence counts differ from the plan: some chunks were lost (processes running different "
-            "corpora or settings?)."
+        hidden = int(model.get_input_embeddings().embedding_dim)
+        sums = torch.zeros(len(plan.entity_ids), hidden, dtype=torch.float32)
+        counts = torch.zeros(len(plan.entity_ids), dtype=torch.long)
+        num_chunks = -(-len(plan) // chunk_size)
+        mine = list(range(processes.rank, num_chunks, processes.world))
+        total = sum(min(chunk_size, len(plan) - c * chunk_size) for c in mine)
+        windowed = 0
+        bar = tqdm(
+            total=total,
+            desc="Building entity table"
+            + (f" (process {processes.rank}/{processes.world})" if processes.world > 1 else ""),
+            unit="occ",
+            disable=not (progress and processes.is_main),
         )
-    table = EntityLookupTable(
-        plan.entity_ids,
-        sums,
-        counts,
-        names=names,
-        aliases=aliases,
-        norm=norm,
-        metadata={
-            "model_fingerprint": fingerprint,
-            "model_name_or_path": getattr(model.config, "name_or_path", None) or None,
-            "hidden_size": hidden,
-            "model_type": getattr(model.config, "model_type", None),
-            "max_occurrences": max_occurrences,
-            "seed": seed,
-            "model_class": type(model).__name__,
-            "transform": kind,
-            "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) or None,
-            "mask_token": tokenizer.mask_token,
-            "max_length": max_length,
-            "num_records": plan.num_records,
-            "num_occurrences": len(plan),
-            "num_mentions": int(plan.available.sum()),
-            "windowed_occurrences": windowed,
-            "skipped_entities": len(skip),
-            "corpus_digest": plan.corpus_digest,
-            "plan_digest": plan_digest,
-            "build_seconds": round(elapsed, 3),
-        },
-    )
-    unseen = [e for e in (entity_names or {}) if e not in table and e not in skip]
-    if unseen:
-        logger.info("%d named entities have no mention in the corpus and get no vector.", len(unseen))
-    if out is not None:
-        if processes.is_main:
-            table.save_pretrained(out)
-            shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
-        processes.barrier()
-    return table
+        was_training = model.training
+        model.eval()
+        started = time.perf_counter()
+        reused = 0
+        try:
+            for chunk in mine:
+                first, last = chunk * chunk_size, min((chunk + 1) * chunk_size, len(plan))
+                loaded = _read_chunk(_chunk_path(out, chunk), last - first) if out is not None else None
+                if loaded is None:
+                    rows, chunk_sums, chunk_counts, cut = _compute_chunk(
+                        plan, first, last, corpus, encoder, encoder_model, transform, batch_size, device, hidden, bar,
+                        _on_batch,
+                    )  # fmt: skip
+                    windowed += cut
+                    if out is not None:
+                        save_tensors_atomic(
+                            _chunk_path(out, chunk),
+                            {"rows": rows, "sums": chunk_sums, "counts": chunk_counts},
+                            metadata={"chunk": str(chunk), "occurrences": str(last - first), "windowed": str(cut)},
+                        )
+                else:
+                    rows, chunk_sums, chunk_counts, cut = loaded
+                    windowed += cut
+                    reused += last - first
+                    bar.update(last - first)
+                sums.index_add_(0, rows, chunk_sums)
+                counts.index_add_(0, rows, chunk_counts)
+        finally:
+            bar.close()
+            model.train(was_training)
+        if reused:
+            logger.info("Resumed: %d of %d occurrences were read from finished chunks in %s.", reused, total, out)
+        elapsed = time.perf_counter() - started
+        sums, counts = processes.sum(sums), processes.sum(counts)
+        windowed = int(processes.sum(torch.tensor([windowed]))[0])
+        if not torch.equal(counts, torch.from_numpy(plan.counts)):
+            raise RuntimeError(
+                "The summed occurrence counts differ from the plan: some chunks were lost (processes running different "
+                "corpora or settings?)."
+            )
+        table = EntityLookupTable(
+            plan.entity_ids,
+            sums,
+            counts,
+            names=names,
+            aliases=aliases,
+            norm=norm,
+            metadata={
+                "model_fingerprint": fingerprint,
+                "lm_head_fingerprint": state["lm_head_fingerprint"],
+                "model_name_or_path": getattr(model.config, "name_or_path", None) or None,
+                "hidden_size": hidden,
+                "model_type": getattr(model.config, "model_type", None),
+                "max_occurrences": max_occurrences,
+                "seed": seed,
+                "model_class": type(model).__name__,
+                "transform": kind,
+                "tokenizer_name_or_path": getattr(tokenizer, "name_or_path", None) or None,
+                "mask_token": tokenizer.mask_token,
+                "max_length": max_length,
+                "num_records": plan.num_records,
+                "num_occurrences": len(plan),
+                "num_mentions": int(plan.available.sum()),
+                "windowed_occurrences": windowed,
+                "skipped_entities": len(skip),
+                "corpus_digest": plan.corpus_digest,
+                "plan_digest": plan_digest,
+                "build_seconds": round(elapsed, 3),
+            },
+        )
+        unseen = [e for e in (entity_names or {}) if e not in table and e not in skip]
+        if unseen:
+            logger.info("%d named entities have no mention in the corpus and get no vector.", len(unseen))
+        if out is not None:
+            if processes.is_main:
+                # The table's files in, the partial build out: one commit, so a kill anywhere in it leaves either the
+                # partial build to resume or the finished table, never a folder that is neither.
+                with FolderCommit(out, stale=(f"{PARTIAL_DIR}/**",)) as staging:
+                    table.write_files(staging, out)
+                _drop_partial_if_only_the_lock(out)
+            processes.barrier()
+        return table
+
+
+def _drop_partial_if_only_the_lock(out: Path) -> None:
+    """Remove `partial/` once the table is committed (a builder waiting on its lock file then finds the table)."""
+    partial = out / PARTIAL_DIR
+    if partial.is_dir() and all(item.name == BUILD_LOCK_NAME for item in partial.iterdir()):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _aliases(
@@ -776,6 +742,16 @@ def _compute_chunk(
             states = encoder_model(**inputs, return_dict=True).last_hidden_state
             vectors = transform(states[torch.arange(len(members), device=device), mask_positions])
         vectors = vectors.to("cpu", torch.float32).clone()  # a normal tensor (inference tensors are read-only later)
+        finite = torch.isfinite(vectors).all(dim=1)
+        if not bool(finite.all()):
+            bad = [first + members[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            entities = sorted({plan.entity_ids[plan.rows[b]] for b in bad})
+            raise ValueError(
+                f"The model gives NaN or inf vectors for {len(bad)} masked mentions (entities {entities[:10]}, corpus "
+                f"records {sorted({int(plan.records[b]) for b in bad})[:10]}): summing them would spoil those entities' "
+                "vectors. Check the model's weights and dtype (float16 overflows: build in float32), or remove these "
+                "mentions from the corpus."
+            )
         chunk_sums.index_add_(0, local[members], vectors)
         bar.update(len(members))
         if on_batch is not None:
@@ -786,7 +762,7 @@ def _compute_chunk(
 
 __all__ = [
     "build_entity_table",
-    "lm_head_transform",
+    "lm_head_transform",  # (defined in lm_head.py; importable from here as before)
     "load_entity_corpus",
     "sample_occurrences",
     "validate_entity_record",

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..utils.hub import LIBRARY_NAME, HubMixin, is_hub_id, model_card, save_model_card, split_download_kwargs
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, split_download_kwargs
+from ..utils.io import FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -304,19 +305,22 @@ class PELTModel(PELTPreTrainedModel):
         """
         if self.table is None and (save_table or self.config.entity_table is None):
             raise ValueError("This PELTModel has no entity table to save: plug one in with set_table(table) first.")
-        save_table = save_with_companion(
-            lambda: super(PELTModel, self).save_pretrained(save_directory, **kwargs),
-            self.config,
-            "entity_table",
-            save_table,
-            "entity table",
-        )
         if not kwargs.get("is_main_process", True):
             return
         folder = Path(save_directory)
-        if save_table:
-            self.table.save_pretrained(folder / TABLE_SUBFOLDER)
-        save_model_card(folder, self._model_card)
+        # Weights, table and card as one folder commit (hf_kadapter.utils.io): never new weights beside an old table.
+        with FolderCommit(folder, stale=("model*.safetensors*", f"{TABLE_SUBFOLDER}/**")) as staging:
+            save_table = save_with_companion(
+                lambda: super(PELTModel, self).save_pretrained(staging, **kwargs),
+                self.config,
+                "entity_table",
+                save_table,
+                "entity table",
+            )
+            if save_table:
+                self.table.write_files(staging / TABLE_SUBFOLDER, folder / TABLE_SUBFOLDER)
+            if card_is_ours(folder / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
 
     @classmethod
     def from_pretrained(
@@ -331,6 +335,12 @@ class PELTModel(PELTPreTrainedModel):
         `table=` plugs another one in. A table from elsewhere is checked against the weights (`config.check_table`,
         or `check_table=`); the one saved beside them is not: fine-tuning moves the weights, and they belong together.
         """
+        with reading_local(pretrained_model_name_or_path):  # finishes an interrupted save first
+            return cls._from_pretrained(pretrained_model_name_or_path, *model_args, table=table,
+                                        check_table=check_table, **kwargs)  # fmt: skip
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, table=None, check_table=None, **kwargs):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         reapply_freezing(model)

@@ -5,9 +5,10 @@ replaced the mention, after the LM head's transform (so it lives in the model's 
 occurrence counts are kept (not normalised vectors) so that tables can be merged exactly and more occurrences added
 later; `vectors()` normalises to a fixed L2 norm at use time (7 in the paper).
 
-A table only means something inside the model that built it, so it records that model's weight fingerprint and
-`check_model` refuses any other. Saved as safetensors (sums, counts) plus JSON (entity vocabulary, metadata) and a
-model card; never pickled.
+A table only means something inside the model that built it, so it records the fingerprints of that model's encoder
+(where the vectors are plugged in) and of its LM head's transform (which made the vectors), and `check_model`
+refuses any other. Saved as safetensors (sums, counts) plus JSON (entity vocabulary, metadata) and a model card, as
+one folder commit (hf_kadapter.utils.io); never pickled.
 """
 
 from __future__ import annotations
@@ -15,20 +16,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import cached_file
 
-from ..kadapter.modeling_kadapter import base_fingerprint
+from ..utils.fingerprint import (
+    base_fingerprint,
+    base_tensors,
+    compare_fingerprints,
+    fingerprint_tensors,
+    tensors_match_fingerprint,
+)
 from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
+from ..utils.io import FolderCommit, load_safetensors, read_json, reading_local, safetensors_bytes
+from .lm_head import _is_kadapter, _unwrap, lm_head_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ CARD_NAME = "README.md"
 _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 ON_DUPLICATE = ("sum", "keep", "raise")
 REQUIRED_METADATA = ("model_fingerprint", "model_name_or_path", "hidden_size", "model_type", "max_occurrences", "seed")
+_TABLE_FILES = (CONFIG_NAME, VOCAB_NAME, TENSORS_NAME)
 
 
 class EntityTableMismatchError(ValueError):
@@ -49,23 +56,6 @@ class EntityTableMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Model identity
 # ---------------------------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Look through wrappers that are not the encoder's model themselves (DDP's `.module`, PELTModel's `.model`)."""
-    while not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) == "pelt":
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "model", None)
-        if not isinstance(inner, nn.Module) or inner is model:
-            break
-        model = inner
-    return model
-
-
-def _is_kadapter(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) == "kadapter"
-
-
 def _kadapter_base(model: nn.Module) -> nn.Module:
     core = model if hasattr(model, "pretrained_model") else getattr(model, "kadapter", None)
     base = getattr(core, "pretrained_model", None)
@@ -74,26 +64,39 @@ def _kadapter_base(model: nn.Module) -> nn.Module:
     return base
 
 
+def _encoder(model: nn.Module) -> nn.Module:
+    """The encoder whose embedding space the vectors live in: a K-Adapter model's base, a task model's base_model."""
+    model = _unwrap(model)
+    if _is_kadapter(model):
+        return _kadapter_base(model)
+    return getattr(model, "base_model", model) if isinstance(model, PreTrainedModel) else model
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """The fingerprint of the encoder whose embedding space a table's vectors live in.
+    """The fingerprint (hf_kadapter.utils.fingerprint) of the encoder whose embedding space a table's vectors live in.
 
     - a K-Adapter model or head: its `config.base_fingerprint` (the frozen base the adapters sit on), so a table
       built with the masked LM of that base works with the K-Adapter model;
-    - a masked LM (or any task model): `base_fingerprint(model.base_model)`, the encoder without its head;
+    - a masked LM (or any task model): `base_fingerprint(model.base_model)`, the encoder without its head (the head's
+      transform has its own fingerprint, `lm_head_fingerprint`);
     - a bare encoder: `base_fingerprint(model)`.
     Wrappers (DistributedDataParallel, PELTModel) are looked through.
     """
     model = _unwrap(model)
-    if _is_kadapter(model):
-        fingerprint = getattr(model.config, "base_fingerprint", None) or base_fingerprint(_kadapter_base(model))
-    else:
-        encoder = getattr(model, "base_model", model) if isinstance(model, PreTrainedModel) else model
-        fingerprint = base_fingerprint(encoder)
+    fingerprint = getattr(model.config, "base_fingerprint", None) if _is_kadapter(model) else None
+    fingerprint = fingerprint or base_fingerprint(_encoder(model))
     if fingerprint is None:
         raise ValueError(
             f"The weights of {type(model).__name__} are not loaded (meta device): load them before fingerprinting."
         )
     return fingerprint
+
+
+def lm_head_fingerprint(model: nn.Module) -> str | None:
+    """The fingerprint of a masked LM's head transform (dense -> activation -> layer norm), which turns encoder states
+    into PELT vectors; None for a model without one (bare encoder, K-Adapter model)."""
+    tensors = lm_head_tensors(model)
+    return None if tensors is None else fingerprint_tensors(tensors)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -105,9 +108,6 @@ def _model_name(model: nn.Module) -> str:
     return f"{type(model).__name__} ({name})" if name else f"{type(model).__name__} (random weights built from config)"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +144,14 @@ class EntityLookupTable(HubMixin):
             raise TypeError(f"Entity ids must be non-empty strings (e.g. Wikidata 'Q90'); got {bad[:5]}.")
         if bool((counts < 0).any()):
             raise ValueError("Entity counts must be >= 0.")
+        finite = torch.isfinite(sums).all(dim=1)
+        if not bool(finite.all()):
+            bad = [entity_ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            raise ValueError(
+                f"The sums of entities {bad[:10]} ({len(bad)} in all) hold NaN or inf: their vectors would be NaN. "
+                "Rebuild them with a model that gives finite outputs (float16 overflows: build in float32), or "
+                "leave those entities out."
+            )
         self.entity_ids = entity_ids
         self.sums = sums
         self.counts = counts
@@ -224,29 +232,62 @@ class EntityLookupTable(HubMixin):
 
     # ----- model checks ----------------------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
-        """Raise EntityTableMismatchError unless `model` has the encoder weights that built this table.
+        """Raise EntityTableMismatchError unless `model` has the encoder weights that built this table (and, for a
+        masked LM, the LM head transform that made its vectors).
 
-        Accepts the masked LM that built it, its bare encoder, or a K-Adapter model/head on that encoder.
+        Accepts the masked LM that built it, its bare encoder, or a K-Adapter model/head on that encoder; the same
+        weights in float32, float16 or bfloat16 pass (see hf_kadapter.utils.fingerprint).
         """
         expected = self.metadata.get("model_fingerprint")
         if not expected:
             logger.warning("The entity table records no model fingerprint; it cannot be checked against the model.")
             return
-        actual = model_fingerprint(model)
-        if actual != expected:
-            built_by = self.metadata.get("model_name_or_path") or "a model with random weights built from config"
-            raise EntityTableMismatchError(
-                f"This entity table was built by {built_by} (model_type {self.metadata.get('model_type')}, hidden "
-                f"size {self.hidden_size}, fingerprint {expected}), but the model given is {_model_name(model)} "
-                f"with fingerprint {actual}. Entity vectors live in the embedding space of the model that built them "
-                "and are meaningless in another one. Use the model that built the table, or build a table for this "
-                "model with build_entity_table(model, tokenizer, corpus)."
+        unwrapped = _unwrap(model)
+        stored = getattr(unwrapped.config, "base_fingerprint", None) if _is_kadapter(unwrapped) else None
+        if stored:
+            same = compare_fingerprints(stored, expected)
+        else:
+            same = tensors_match_fingerprint(base_tensors(_encoder(model)), expected)
+        head_expected, head = self.metadata.get("lm_head_fingerprint"), lm_head_tensors(model)
+        if same is not False and head_expected and head is not None:
+            head_same = tensors_match_fingerprint(head, head_expected)
+            if head_same is False:
+                raise EntityTableMismatchError(
+                    f"This entity table was built by {self._built_by()} whose masked-LM head transform has other "
+                    f"weights (fingerprint {head_expected}) than the one of {_model_name(model)} (fingerprint "
+                    f"{lm_head_fingerprint(model)}): the encoder is the same but the vectors were made by another "
+                    "head. Use the model that built the table, or build a table for this model with "
+                    "build_entity_table(model, tokenizer, corpus)."
+                )
+            same = same if head_same else None
+        if same is None:
+            logger.warning(
+                "The entity table's fingerprint %s was written by an older hf_kadapter and cannot be verified "
+                "against %s; save the table again to record a new one.",
+                expected,
+                _model_name(model),
             )
+            return
+        if not same:
+            raise EntityTableMismatchError(
+                f"This entity table was built by {self._built_by()} (model_type {self.metadata.get('model_type')}, "
+                f"hidden size {self.hidden_size}, fingerprint {expected}), but the model given is {_model_name(model)} "
+                f"with fingerprint {model_fingerprint(model)}. Entity vectors live in the embedding space of the model "
+                "that built them and are meaningless in another one. Use the model that built the table, or build a "
+                "table for this model with build_entity_table(model, tokenizer, corpus)."
+            )
+
+    def _built_by(self) -> str:
+        return self.metadata.get("model_name_or_path") or "a model with random weights built from config"
 
     # ----- growing the table -----------------------------------------------------------------------------------
     def _check_compatible(self, other: EntityLookupTable) -> None:
         mine, theirs = self.metadata.get("model_fingerprint"), other.metadata.get("model_fingerprint")
-        if other.hidden_size != self.hidden_size or (mine and theirs and mine != theirs):
+        same = compare_fingerprints(mine, theirs) is not False and (
+            compare_fingerprints(self.metadata.get("lm_head_fingerprint"), other.metadata.get("lm_head_fingerprint"))
+            is not False
+        )
+        if other.hidden_size != self.hidden_size or not same:
             raise EntityTableMismatchError(
                 f"Cannot merge an entity table built by {other.metadata.get('model_name_or_path')} (fingerprint "
                 f"{theirs}, hidden size {other.hidden_size}) into one built by {self.metadata.get('model_name_or_path')} "
@@ -321,74 +362,74 @@ class EntityLookupTable(HubMixin):
 
     # ----- saving and sharing ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the table's files into `save_directory`, each atomically (temp file + os.replace).
+        """Write the table's files into `save_directory` as one commit (hf_kadapter.utils.io.FolderCommit): a reader
+        sees the old table or the new one, never a mix. Other files in the folder are left alone, and so is a
+        README.md written by someone else (without this library's marker)."""
+        with FolderCommit(save_directory) as staging:
+            self.write_files(staging, save_directory)
 
-        A README.md written by someone else (without this library's marker) is left alone.
-        """
-        save_directory = Path(save_directory)
-        if save_directory.is_file():
-            raise ValueError(f"save_directory {save_directory} is a file; give a folder.")
-        save_directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".pelt-save-", dir=save_directory))
-        try:
-            save_file(
-                {"sums": self.sums.contiguous(), "counts": self.counts.contiguous()},
-                str(staging / TENSORS_NAME),
-                metadata={"format": "pt", "format_version": str(FORMAT_VERSION)},
-            )
-            vocab = {
-                "format_version": FORMAT_VERSION,
-                "entity_ids": self.entity_ids,
-                "names": self.names,
-                "aliases": self.aliases,
-                "counts": self.counts.tolist(),
-            }
-            (staging / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-            config = {
-                "format_version": FORMAT_VERSION,
-                "num_entities": len(self),
-                "hidden_size": self.hidden_size,
-                "norm": self.norm,
-                "metadata": self.metadata,
-            }
-            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-            if card_is_ours(save_directory / CARD_NAME):
-                (staging / CARD_NAME).write_text(self._model_card(), encoding="utf-8")
-            for item in staging.iterdir():
-                with open(item, "rb") as stream:
-                    os.fsync(stream.fileno())
-                os.replace(item, save_directory / item.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def write_files(self, folder: str | os.PathLike, final_directory: str | os.PathLike | None = None) -> None:
+        """Write the table's files into `folder` directly (a commit's staging folder); the card is written unless
+        `final_directory` holds a README.md by someone else."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"sums": self.sums.contiguous(), "counts": self.counts.contiguous()}
+        metadata = {"format": "pt", "format_version": str(FORMAT_VERSION)}
+        (folder / TENSORS_NAME).write_bytes(safetensors_bytes(tensors, metadata))
+        vocab = {
+            "format_version": FORMAT_VERSION,
+            "entity_ids": self.entity_ids,
+            "names": self.names,
+            "aliases": self.aliases,
+            "counts": self.counts.tolist(),
+        }
+        (folder / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        config = {
+            "format_version": FORMAT_VERSION,
+            "num_entities": len(self),
+            "hidden_size": self.hidden_size,
+            "norm": self.norm,
+            "metadata": self.metadata,
+        }
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        if card_is_ours(Path(final_directory or folder) / CARD_NAME):
+            (folder / CARD_NAME).write_text(self._model_card(), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **download_kwargs: Any) -> EntityLookupTable:
-        """Load a table from a folder written by save_pretrained or from a Hub repo (safetensors + JSON only)."""
+        """Load a table from a folder written by save_pretrained or from a Hub repo (safetensors + JSON only).
+
+        A local folder is read under its lock after any interrupted save in it is finished; a damaged file is
+        named (DamagedFileError)."""
         unknown = set(download_kwargs) - set(_DOWNLOAD_KWARGS)
         if unknown:
             raise TypeError(f"Unexpected arguments {sorted(unknown)}; download options are {_DOWNLOAD_KWARGS}.")
-        files = {}
-        for name in (CONFIG_NAME, VOCAB_NAME, TENSORS_NAME):
-            path = cached_file(str(name_or_path), name, _raise_exceptions_for_missing_entries=False, **download_kwargs)
-            if path is None:
-                raise OSError(
-                    f"{name_or_path} has no {name}: it is not an entity table saved with "
-                    "EntityLookupTable.save_pretrained."
+        with reading_local(name_or_path):
+            files = {}
+            for name in _TABLE_FILES:
+                path = cached_file(
+                    str(name_or_path), name, _raise_exceptions_for_missing_entries=False, **download_kwargs
                 )
-            files[name] = path
-        with open(files[CONFIG_NAME], encoding="utf-8") as handle:
-            config = json.load(handle)
-        with open(files[VOCAB_NAME], encoding="utf-8") as handle:
-            vocab = json.load(handle)
+                if path is None:
+                    raise OSError(
+                        f"{name_or_path} has no {name}: it is not an entity table saved with "
+                        "EntityLookupTable.save_pretrained."
+                    )
+                files[name] = path
+            config, vocab = read_json(files[CONFIG_NAME]), read_json(files[VOCAB_NAME])
+            tensors = load_safetensors(files[TENSORS_NAME])
         for what, data in ((CONFIG_NAME, config), (VOCAB_NAME, vocab)):
-            if data.get("format_version") != FORMAT_VERSION:
+            if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+                version = data.get("format_version") if isinstance(data, dict) else None
                 raise ValueError(
-                    f"{name_or_path}/{what} has format version {data.get('format_version')}; this code reads "
-                    f"version {FORMAT_VERSION}."
+                    f"{name_or_path}/{what} has format version {version}; this code reads version {FORMAT_VERSION}."
                 )
-        tensors = load_file(files[TENSORS_NAME])
         if set(tensors) != {"sums", "counts"}:
             raise ValueError(f"{name_or_path}/{TENSORS_NAME} holds {sorted(tensors)}, expected sums and counts.")
+        missing = [key for key in ("entity_ids", "names", "aliases", "counts") if key not in vocab]
+        missing += [f"{CONFIG_NAME}:{key}" for key in ("norm", "metadata") if key not in config]
+        if missing:
+            raise ValueError(f"{name_or_path}: {missing} missing from the table's files; save the table again.")
         if tensors["counts"].tolist() != vocab["counts"]:
             raise ValueError(
                 f"{name_or_path}: the counts in {VOCAB_NAME} and {TENSORS_NAME} differ (files from different saves?)."
@@ -438,4 +479,4 @@ class EntityLookupTable(HubMixin):
         )
 
 
-__all__ = ["EntityLookupTable", "EntityTableMismatchError", "model_fingerprint"]
+__all__ = ["EntityLookupTable", "EntityTableMismatchError", "lm_head_fingerprint", "model_fingerprint"]

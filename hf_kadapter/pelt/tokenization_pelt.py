@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,6 +37,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, BatchEncoding
 from transformers.utils import TensorType, cached_file
+
+from ..utils.io import FolderCommit, read_json, reading_local
 
 __all__ = ["AliasLinker", "OriginalTextEncoding", "PELTEncoding", "PELTTokenizer", "PELT_TOKENIZER_CONFIG_NAME"]
 
@@ -713,15 +714,24 @@ class PELTTokenizer:
                 [found.render(string, insert) for string, found in zip(side_texts, side_groups, strict=True)]
                 for side_texts, side_groups in zip(sides, groups, strict=True)
             ]
-            encoded = self.tokenizer(
-                rendered[0],
-                rendered[1] if pairs is not None else None,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length,
-                return_offsets_mapping=user_offsets,
-                **kwargs,
-            )
+            try:
+                encoded = self.tokenizer(
+                    rendered[0],
+                    rendered[1] if pairs is not None else None,
+                    padding=padding,
+                    truncation=truncation,
+                    max_length=max_length,
+                    return_offsets_mapping=user_offsets,
+                    **kwargs,
+                )
+            except Exception as error:  # the Rust tokenizer raises a bare Exception for impossible truncation
+                if "Truncation error" not in str(error):
+                    raise
+                raise ValueError(
+                    f"text: truncation={truncation!r} cannot fit max_length={max_length}: the text that may not be cut "
+                    "is already longer (each entity slot adds 3 tokens). Raise max_length or use "
+                    "truncation='longest_first'."
+                ) from None
             positions, rows, cut_away, changed = self._locate(encoded, groups, dropped)
             if not changed:
                 break
@@ -899,24 +909,17 @@ class PELTTokenizer:
     # -- persistence --
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
         """Save the wrapped tokenizer plus pelt_tokenizer_config.json (slot token; the ids of a plain-list entity
-        vocabulary — a table is saved on its own with its save_pretrained). Written atomically."""
+        vocabulary — a table is saved on its own with its save_pretrained), as one folder commit."""
         directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        files = tuple(str(f) for f in self.tokenizer.save_pretrained(str(directory), **kwargs))
-        config: dict[str, Any] = {"format_version": _FORMAT_VERSION, "slot_token": self.slot_token}
-        if self._rows is not None:
-            config["entity_vocab"] = self._rows
-        path = directory / PELT_TOKENIZER_CONFIG_NAME
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=PELT_TOKENIZER_CONFIG_NAME, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(config, stream, indent=2, ensure_ascii=False)
-                stream.write("\n")
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return (*files, str(path))
+        with FolderCommit(directory) as staging:
+            written = self.tokenizer.save_pretrained(str(staging), **kwargs)
+            config: dict[str, Any] = {"format_version": _FORMAT_VERSION, "slot_token": self.slot_token}
+            if self._rows is not None:
+                config["entity_vocab"] = self._rows
+            text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+            (staging / PELT_TOKENIZER_CONFIG_NAME).write_text(text, encoding="utf-8")
+        files = tuple(str(directory / Path(f).relative_to(staging)) for f in written)
+        return (*files, str(directory / PELT_TOKENIZER_CONFIG_NAME))
 
     @classmethod
     def from_pretrained(
@@ -929,6 +932,11 @@ class PELTTokenizer:
         """Load the wrapped tokenizer with AutoTokenizer (keyword arguments pass through) and the slot token from
         pelt_tokenizer_config.json when present (else the mask token); a saved plain-list vocabulary is used
         unless `entity_vocab` is given."""
+        with reading_local(pretrained_model_name_or_path):
+            return cls._from_pretrained(pretrained_model_name_or_path, entity_vocab, linker, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, entity_vocab, linker, **kwargs: Any) -> PELTTokenizer:
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         download = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
         resolved = cached_file(
@@ -940,7 +948,7 @@ class PELTTokenizer:
         )
         config: dict[str, Any] = {}
         if resolved is not None:
-            config = json.loads(Path(resolved).read_text(encoding="utf-8"))
+            config = read_json(resolved)
             if config.get("format_version", 1) > _FORMAT_VERSION:
                 raise ValueError(
                     f"{resolved}: format_version {config['format_version']} is newer than this hf_kadapter "
@@ -969,7 +977,8 @@ def _checked_mention(mention: Any, length: int, where: str) -> tuple[int, int, s
     start, end, entity_id = mention["char_start"], mention["char_end"], mention["entity_id"]
     if not isinstance(entity_id, str):
         raise TypeError(f"{where}: entity ids are strings, got {entity_id!r} for span [{start}, {end})")
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= length):
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))  # True is not an offset
+    if not (integers and 0 <= start < end <= length):
         raise ValueError(
             f"{where}: mention span [{start}, {end}) of {entity_id!r} is not within the text "
             f"(length {length}) or is empty"

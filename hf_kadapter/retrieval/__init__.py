@@ -6,6 +6,8 @@ The models (`RetrieverEmbedder`, `RealmKnowledgeAugmentedMLM`, `OpenQAReader`) a
 when `hf_kadapter` is imported.
 """
 
+from ..utils import io as _io
+from . import modeling_retriever as _modeling
 from .collator import RealmSalientSpanCollator, salient_span_features
 from .configuration_reader import OpenQAReaderConfig
 from .configuration_realm import RealmKnowledgeAugmentedMLMConfig
@@ -33,6 +35,10 @@ from .realm import (
     salient_spans,
 )
 from .retriever import NULL_DOC_ID, RealmStyleRetriever, RetrievalOutput
+
+# modeling_retriever.py (remote code) carries its own copies of the shared helpers; inside the package they raise the
+# package's exception class, so there is one DamagedFileError to catch.
+_modeling.DamagedFileError = _io.DamagedFileError
 
 __all__ = [
     "NULL_DOC_ID",

@@ -24,7 +24,6 @@ Activations and epsilons come from the checkpoint's config.json (RealmConfig: hi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
+from ..utils.io import load_safetensors, read_json
 from .configuration_retriever import RetrieverEmbedderConfig
 from .modeling_retriever import RetrieverEmbedder
 from .reader import OpenQAReader
@@ -139,12 +139,8 @@ def load_realm_v4_checkpoint(
         if not path.is_file():
             raise FileNotFoundError(f"No REALM checkpoint at {path}.")
         source = str(path)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = _torch_load(path)
+        # (a safetensors file cut short is named by load_safetensors)
+        state = load_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
         if (folder / "config.json").is_file():
             config_path = folder / "config.json"
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -155,7 +151,7 @@ def load_realm_v4_checkpoint(
             "checkpoint's config.json beside it, or pass config= (its path or its fields as a dict)."
         )
     if config is None or isinstance(config, (str, os.PathLike)):
-        fields = json.loads(Path(config or config_path).read_text(encoding="utf-8"))
+        fields = read_json(Path(config or config_path))
     else:
         fields = dict(config)
     if fields.get("model_type", "realm") != "realm":

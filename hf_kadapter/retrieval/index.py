@@ -21,8 +21,12 @@ Row indices returned by `search` refer to the current order of `ids`; they shift
 them with `ids_at(rows)` before changing the index.
 
 Saved folders (`save_pretrained`) hold `index_config.json` (backend and parameters), `ids.json`,
-`embeddings.safetensors` (embeddings + faiss keys) and, for faiss, `faiss.index` written with
-faiss's own format (`faiss.serialize_index`, written atomically; `faiss.read_index` reads it), no pickle.
+`embeddings.safetensors` (embeddings + faiss keys), for faiss `faiss.index` in faiss's own format
+(`faiss.serialize_index`; `faiss.read_index` reads it) and optionally `documents/`; no pickle. They are written as
+one folder commit (hf_kadapter.utils.io), so a reader never sees new embeddings beside old ids or an old faiss file.
+
+Embeddings and queries must be finite: a NaN document would be the top hit of every query and a NaN query scores
+NaN everywhere (faiss refuses them with a raw C++ error), so both are refused where they enter, by id or row.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
-from ..file_utils import atomic_write, save_tensors_atomic, write_json_atomic
-from ..utils.hub import LIBRARY_NAME, HubMixin, model_card, resolve_folder, save_model_card, split_download_kwargs
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, model_card, resolve_folder, split_download_kwargs
+from ..utils.io import DamagedFileError, FolderCommit, load_safetensors, read_json, reading_folder
 
 BACKENDS = ("exact", "faiss")
 FAISS_INDEXES = ("ivf", "hnsw")
@@ -46,7 +50,24 @@ CONFIG_NAME = "index_config.json"
 IDS_NAME = "ids.json"
 EMBEDDINGS_NAME = "embeddings.safetensors"
 FAISS_NAME = "faiss.index"
+DOCUMENTS_DIR = "documents"
 FORMAT_VERSION = 1
+# Files of ours that a new save may not write again (then they are deleted: stale faiss file, stale documents).
+_OWN_OPTIONAL = (FAISS_NAME, f"{DOCUMENTS_DIR}/**")
+
+
+def check_finite_rows(vectors: torch.Tensor, what: str, names: Sequence[Any] | None = None) -> None:
+    """Raise a ValueError naming the rows of `vectors` [N, D] that hold NaN or inf (by name when given)."""
+    finite = torch.isfinite(vectors).all(dim=-1) if vectors.numel() else torch.ones(len(vectors), dtype=torch.bool)
+    if bool(finite.all()):
+        return
+    rows = torch.nonzero(~finite.cpu()).flatten().tolist()
+    labels = [names[r] for r in rows] if names is not None else rows
+    raise ValueError(
+        f"{what} {labels[:10]} ({len(rows)} in all) hold NaN or inf: inner products with them are NaN and a NaN "
+        "document would be the top hit of every query. Check the embedder's weights and dtype (float16 overflows: "
+        "embed in float32), then embed them again, or leave them out."
+    )
 
 
 def _import_faiss():
@@ -161,6 +182,8 @@ class DocumentIndex(HubMixin):
         self.documents = documents
         self._faiss = None
         self._key_to_row: dict[int, int] | None = None
+        # The fingerprint of the embedder that made the embeddings (set by RealmStyleRetriever.build_index), saved.
+        self.embedder_fingerprint: str | None = None
 
         ids = [] if ids is None else list(ids)
         if embeddings is None:
@@ -169,8 +192,8 @@ class DocumentIndex(HubMixin):
             if dim is None:
                 raise ValueError("An empty DocumentIndex needs `dim` (the embedding width).")
             embeddings = torch.empty(0, dim)
-        embeddings = self._check_embeddings(embeddings, len(ids), dim)
         self._check_new_ids(ids, {})
+        embeddings = self._check_embeddings(embeddings, len(ids), dim, ids)
         self.ids: list[str] = ids
         self.embeddings: torch.Tensor = embeddings
         self._row_of: dict[str, int] = {doc_id: row for row, doc_id in enumerate(ids)}
@@ -215,7 +238,9 @@ class DocumentIndex(HubMixin):
         return self
 
     # ----- checks ------------------------------------------------------------------------------------------------
-    def _check_embeddings(self, embeddings: torch.Tensor, count: int, dim: int | None) -> torch.Tensor:
+    def _check_embeddings(
+        self, embeddings: torch.Tensor, count: int, dim: int | None, ids: Sequence[str] | None = None
+    ) -> torch.Tensor:
         if not isinstance(embeddings, torch.Tensor):
             embeddings = torch.as_tensor(embeddings)
         if embeddings.dim() != 2:
@@ -224,7 +249,9 @@ class DocumentIndex(HubMixin):
             raise ValueError(f"{count} ids but {embeddings.shape[0]} embedding rows; they must match.")
         if dim is not None and embeddings.shape[1] != dim:
             raise ValueError(f"embeddings have width {embeddings.shape[1]}, the index has dim={dim}.")
-        return embeddings.detach().to(torch.float32).contiguous()
+        embeddings = embeddings.detach().to(torch.float32).contiguous()
+        check_finite_rows(embeddings, "The embeddings of documents", ids)
+        return embeddings
 
     @staticmethod
     def _check_new_ids(ids: list[str], existing: dict[str, int]) -> None:
@@ -299,6 +326,7 @@ class DocumentIndex(HubMixin):
             raise ValueError("The index is empty: add documents before searching.")
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
+        check_finite_rows(queries.detach(), "Queries (rows)")
         k = min(k, len(self))
         out_device = queries.device
         queries = queries.detach()
@@ -321,7 +349,7 @@ class DocumentIndex(HubMixin):
         """Append documents (exact: concatenation; faiss: add_with_ids into the existing index, no rebuild)."""
         ids = list(ids)
         self._check_new_ids(ids, self._row_of)
-        embeddings = self._check_embeddings(embeddings, len(ids), self.dim).to(self.device)
+        embeddings = self._check_embeddings(embeddings, len(ids), self.dim, ids).to(self.device)
         if not ids:
             return
         start = len(self.ids)
@@ -429,34 +457,37 @@ class DocumentIndex(HubMixin):
             "num_docs": len(self),
             "dim": self.dim,
             "next_key": self._next_key,
+            "embedder_fingerprint": self.embedder_fingerprint,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, save_documents: bool = True) -> None:
-        """Write the index folder (safetensors + JSON, faiss.write_index for faiss; every file atomically).
+        """Write the index folder (safetensors + JSON, faiss.serialize_index for faiss) as one folder commit.
 
-        The documents dataset, if any and `save_documents`, goes to `documents/` with `save_to_disk`.
+        The documents dataset, if any and `save_documents`, goes to `documents/` with `save_to_disk`; a
+        `documents/` left by an earlier save is removed otherwise (it would describe another corpus). Saving into
+        the folder the index was loaded from works.
         """
-        folder = Path(save_directory)
+        with FolderCommit(save_directory, stale=_OWN_OPTIONAL) as staging:
+            self.write_files(staging, save_documents=save_documents, final_directory=save_directory)
+
+    def write_files(
+        self, folder: str | os.PathLike, save_documents: bool = True, final_directory: str | os.PathLike | None = None
+    ) -> None:
+        """Write the index's files into `folder` directly (a commit's staging folder); the card is written unless
+        `final_directory` holds a README.md by someone else."""
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(
-            folder / EMBEDDINGS_NAME,
-            {"embeddings": self.embeddings, "keys": self._keys},
-            metadata={"format": "pt"},
-        )
-        write_json_atomic(folder / IDS_NAME, self.ids, indent=None)
+        tensors = {"embeddings": self.embeddings.detach().cpu().contiguous(), "keys": self._keys.contiguous()}
+        save_file(tensors, str(folder / EMBEDDINGS_NAME), metadata={"format": "pt"})
+        (folder / IDS_NAME).write_text(json.dumps(self.ids, ensure_ascii=False), encoding="utf-8")
         if self.backend == "faiss" and len(self):
             faiss = _import_faiss()
-            index = self._get_faiss()
-            data = faiss.serialize_index(index)
-            with atomic_write(folder / FAISS_NAME, "wb") as stream:
-                stream.write(data.tobytes())
-        else:
-            (folder / FAISS_NAME).unlink(missing_ok=True)
+            (folder / FAISS_NAME).write_bytes(faiss.serialize_index(self._get_faiss()).tobytes())
         if self.documents is not None and save_documents:
-            self.documents.save_to_disk(str(folder / "documents"))
-        save_model_card(folder, self._model_card)
-        # The config goes last: a folder with a config is a complete one.
-        write_json_atomic(folder / CONFIG_NAME, self.config_dict())
+            self.documents.save_to_disk(str(folder / DOCUMENTS_DIR))
+        if card_is_ours(Path(final_directory or folder) / "README.md"):
+            (folder / "README.md").write_text(self._model_card(), encoding="utf-8")
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2), encoding="utf-8")
 
     _hub_name = "This DocumentIndex"
 
@@ -491,17 +522,38 @@ class DocumentIndex(HubMixin):
         """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first).
 
         `overrides` change search settings (e.g. nprobe); Hub options (revision, token, cache_dir,
-        local_files_only, force_download) are passed to the download.
-        """
+        local_files_only, force_download) are passed to the download. Any interrupted save in a local folder is
+        finished first; damaged or inconsistent files are named."""
         download, overrides = split_download_kwargs(overrides)
         folder = resolve_folder(directory, what="DocumentIndex", **download)
+        with reading_folder(folder):
+            return cls._load(folder, device, overrides)
+
+    @classmethod
+    def _load(cls, folder: Path, device: str | torch.device | None, overrides: dict[str, Any]) -> DocumentIndex:
         if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{directory} is not a saved DocumentIndex (no {CONFIG_NAME}).")
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            raise FileNotFoundError(f"{folder} is not a saved DocumentIndex (no {CONFIG_NAME}).")
+        config = read_json(folder / CONFIG_NAME)
+        if not isinstance(config, dict):
+            raise DamagedFileError(folder / CONFIG_NAME, "it does not hold a JSON object")
         if config.get("format_version", 1) > FORMAT_VERSION:
-            raise ValueError(f"{directory} was written by a newer hf_kadapter (format {config['format_version']}).")
-        ids = json.loads((folder / IDS_NAME).read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / EMBEDDINGS_NAME))
+            raise ValueError(f"{folder} was written by a newer hf_kadapter (format {config['format_version']}).")
+        for name in (IDS_NAME, EMBEDDINGS_NAME):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name}: it is not a complete DocumentIndex; save it again.")
+        ids = read_json(folder / IDS_NAME)
+        if not isinstance(ids, list):
+            raise DamagedFileError(folder / IDS_NAME, "it does not hold a JSON list of document ids")
+        tensors = load_safetensors(folder / EMBEDDINGS_NAME)
+        if set(tensors) != {"embeddings", "keys"}:
+            raise DamagedFileError(folder / EMBEDDINGS_NAME, f"it holds {sorted(tensors)}, not embeddings and keys")
+        embeddings, keys = tensors["embeddings"], tensors["keys"].to(torch.int64)
+        if embeddings.dim() != 2 or keys.shape != (len(ids),) or embeddings.shape[0] != len(ids):
+            raise ValueError(
+                f"{folder}: {IDS_NAME} lists {len(ids)} documents but {EMBEDDINGS_NAME} holds embeddings "
+                f"{tuple(embeddings.shape)} and keys {tuple(keys.shape)}: the files come from different saves. Save "
+                "or build the index again."
+            )
         settings = {
             key: config[key]
             for key in (
@@ -520,14 +572,14 @@ class DocumentIndex(HubMixin):
         }
         settings.update(overrides)
         documents = settings.pop("documents", None)
-        if documents is None and (folder / "documents").is_dir():
+        if documents is None and (folder / DOCUMENTS_DIR).is_dir():
             from datasets import load_from_disk
 
-            documents = load_from_disk(str(folder / "documents"))
-        embeddings = tensors["embeddings"]
+            documents = load_from_disk(str(folder / DOCUMENTS_DIR))
         index = cls(ids, embeddings, dim=config.get("dim"), documents=documents, **settings)
-        index._keys = tensors["keys"].to(torch.int64)
+        index._keys = keys
         index._next_key = int(config.get("next_key", len(ids)))
+        index.embedder_fingerprint = config.get("embedder_fingerprint")
         if device is not None:
             index.to(device)
         if (
@@ -536,7 +588,10 @@ class DocumentIndex(HubMixin):
             and config.get("faiss_index", "ivf") == index.faiss_index
         ):
             faiss = _import_faiss()
-            loaded = faiss.read_index(str(folder / FAISS_NAME))
+            try:
+                loaded = faiss.read_index(str(folder / FAISS_NAME))
+            except RuntimeError as error:
+                raise DamagedFileError(folder / FAISS_NAME, f"faiss cannot read it ({str(error).splitlines()[0]})") from None
             if loaded.ntotal != len(index):
                 raise ValueError(
                     f"{folder / FAISS_NAME} holds {loaded.ntotal} vectors but the index has {len(index)} documents."
@@ -545,4 +600,4 @@ class DocumentIndex(HubMixin):
         return index
 
 
-__all__ = ["DocumentIndex", "exact_topk"]
+__all__ = ["DocumentIndex", "check_finite_rows", "exact_topk"]

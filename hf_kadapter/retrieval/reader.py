@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..utils.hub import LIBRARY_NAME, HubMixin, is_hub_id, model_card, save_model_card
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
+from ..utils.io import FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -125,7 +127,9 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished."""
+        with reading_local(pretrained_model_name_or_path):
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         reapply_freezing(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
 
@@ -133,10 +137,14 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         return self.encoder.get_input_embeddings()
 
     def save_pretrained(self, save_directory: Any, **kwargs: Any) -> None:
-        """transformers' save (encoder and span scorer in one safetensors file) plus a model card."""
-        super().save_pretrained(save_directory, **kwargs)
-        if kwargs.get("is_main_process", True):
-            save_model_card(save_directory, self._model_card)
+        """transformers' save (encoder and span scorer in one safetensors file) plus a model card, as one folder
+        commit (hf_kadapter.utils.io): a kill never leaves new weights beside an old config."""
+        if not kwargs.get("is_main_process", True):
+            return
+        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+            super().save_pretrained(staging, **kwargs)
+            if card_is_ours(Path(save_directory) / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
 
     def _hub_base(self) -> str | None:
         return self.config.encoder_name_or_path

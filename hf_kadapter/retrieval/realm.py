@@ -32,12 +32,13 @@ from transformers.utils import ModelOutput
 from ..utils.hub import (
     LIBRARY_NAME,
     HubMixin,
+    card_is_ours,
     is_hub_id,
     model_card,
     resolve_folder,
-    save_model_card,
     split_download_kwargs,
 )
+from ..utils.io import FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -498,18 +499,22 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         """
         if self.retriever is None and (save_retriever or self.config.retriever is None):
             raise ValueError("This model has no retriever to save: attach one with set_retriever(retriever) first.")
-        save_retriever = save_with_companion(
-            lambda: super(RealmKnowledgeAugmentedMLM, self).save_pretrained(save_directory, **kwargs),
-            self.config,
-            "retriever",
-            save_retriever,
-            "retriever",
-        )
         if not kwargs.get("is_main_process", True):
             return
-        if save_retriever:
-            self.retriever.save_pretrained(Path(save_directory) / RETRIEVER_SUBFOLDER, save_embedder=False)
-        save_model_card(save_directory, self._model_card)
+        folder = Path(save_directory)
+        # Weights, retriever and card as one folder commit (hf_kadapter.utils.io).
+        with FolderCommit(folder, stale=("model*.safetensors*", f"{RETRIEVER_SUBFOLDER}/**")) as staging:
+            save_retriever = save_with_companion(
+                lambda: super(RealmKnowledgeAugmentedMLM, self).save_pretrained(staging, **kwargs),
+                self.config,
+                "retriever",
+                save_retriever,
+                "retriever",
+            )
+            if save_retriever:
+                self.retriever.save_pretrained(staging / RETRIEVER_SUBFOLDER, save_embedder=False)
+            if card_is_ours(folder / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
 
     @classmethod
     def from_pretrained(
@@ -521,6 +526,11 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
     ):
         """Load the weights and the retriever (saved beside them, or from `config.retriever`); `retriever=` attaches
         another one (its embedder is replaced by the loaded one)."""
+        with reading_local(pretrained_model_name_or_path):  # finishes an interrupted save first
+            return cls._from_pretrained(pretrained_model_name_or_path, *model_args, retriever=retriever, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, *model_args, retriever=None, **kwargs):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         reapply_freezing(model)

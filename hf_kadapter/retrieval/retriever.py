@@ -9,8 +9,9 @@ text) as an extra candidate, so the reader can rely on no document.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,26 +19,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..file_utils import save_tensors_atomic, write_json_atomic
+from ..utils.fingerprint import native_fingerprint
 from ..utils.hub import (
     LIBRARY_NAME,
     HubMixin,
+    card_is_ours,
     is_hub_id,
     model_card,
     resolve_folder,
-    save_model_card,
     split_download_kwargs,
 )
-from .index import DocumentIndex
+from ..utils.io import (
+    FolderCommit,
+    build_lock,
+    read_json,
+    reading_folder,
+    safetensors_problem,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from .index import DocumentIndex, check_finite_rows
 
 __all__ = ["NULL_DOC_ID", "RealmStyleRetriever", "RetrievalOutput"]
+
+logger = logging.getLogger(__name__)
 
 NULL_DOC_ID = "<null>"
 STATE_NAME = "build_state.json"
 RETRIEVER_CONFIG_NAME = "retriever_config.json"
+INDEX_DIR = "index"
+BUILD_FORMAT = 2  # 2: the corpus content and the embedder (every weight) are fingerprinted
+_READ_BLOCK = 4096
 
 
 @dataclass
@@ -71,19 +87,69 @@ def _distributed() -> tuple[int, int]:
 
 
 def _column(rows: Any, name: str, default: str = "") -> list[str]:
+    """A text column of a batch of rows (dict of lists or list of dicts); missing or None values give `default`."""
     if isinstance(rows, Mapping):
         values = rows.get(name)
-        return [default] * len(next(iter(rows.values()))) if values is None else [str(v) for v in values]
-    return [str(row.get(name, default)) for row in rows]
+        return [default] * len(next(iter(rows.values()))) if values is None else [_text(v, default) for v in values]
+    return [_text(row.get(name), default) for row in rows]
 
 
-def _weights_fingerprint(module: nn.Module) -> str:
-    """sha1 of every parameter and buffer (names and bytes): a resumed build must use the same embedder weights."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def _text(value: Any, default: str) -> str:
+    return default if value is None else str(value)
+
+
+def _ids(dataset: Any) -> list[str]:
+    return [str(v) for v in (dataset["id"] if hasattr(dataset, "column_names") else [d["id"] for d in dataset])]
+
+
+def check_corpus(dataset: Any) -> str:
+    """Check a corpus before any work and return a digest of its content (ids, titles, texts, in order).
+
+    A corpus is a datasets.Dataset or a list of dicts with a string (or integer) "id", a string "text" and an
+    optional "title" (missing or None: no title). An empty corpus, a missing column, a None or non-string text,
+    a missing or duplicate id are refused with the row and the fix; the digest lets a resumed build tell an edited
+    corpus (a list included) from the one its chunks were made of.
+    """
+    total = len(dataset)
+    if total == 0:
+        raise ValueError("The corpus is empty: there is nothing to index. Pass documents with columns id, title, text.")
+    table = hasattr(dataset, "column_names")
+    if table:
+        columns = list(dataset.column_names)
+        missing = [c for c in ("id", "text") if c not in columns]
+        if missing:
+            raise ValueError(
+                f"The corpus has no {missing} column (columns: {columns}): documents need an 'id' and a 'text' (and "
+                "optionally a 'title'). Rename yours, e.g. dataset.rename_column('passage', 'text')."
+            )
+    digest, seen = xxhash.xxh3_128(), set()
+    for start in range(0, total, _READ_BLOCK):
+        stop = min(start + _READ_BLOCK, total)
+        if table:
+            block = dataset.select_columns([c for c in ("id", "title", "text") if c in columns])[start:stop]
+            rows = [{key: block[key][i] for key in block} for i in range(stop - start)]
+        else:
+            rows = [dataset[i] for i in range(start, stop)]
+        for offset, row in enumerate(rows):
+            where = f"Corpus row {start + offset}"
+            if not isinstance(row, Mapping):
+                raise ValueError(f"{where} is a {type(row).__name__}, not a dict with keys id, title, text.")
+            doc_id, text, title = row.get("id"), row.get("text"), row.get("title")
+            if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                raise ValueError(f"{where} has id {doc_id!r}: every document needs a string (or integer) id.")
+            if not isinstance(text, str):
+                fix = "give it a text or drop the row" if text is None else "store texts as strings"
+                raise ValueError(f"{where} (id {doc_id!r}) has text {text!r}: {fix}; it would be embedded as such.")
+            if title is not None and not isinstance(title, str):
+                raise ValueError(f"{where} (id {doc_id!r}) has title {title!r}: titles must be strings or None.")
+            doc_id = str(doc_id)
+            if doc_id in seen:
+                raise ValueError(f"{where} repeats id {doc_id!r}: document ids must be unique.")
+            seen.add(doc_id)
+            for value in (doc_id, title or "", text):
+                encoded = value.encode("utf-8", errors="surrogatepass")
+                digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return "xxh3:" + digest.hexdigest()
 
 
 class RealmStyleRetriever(HubMixin):
@@ -156,8 +222,12 @@ class RealmStyleRetriever(HubMixin):
         rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Document embeddings [len(rows), D] (float32, CPU) in batches; with `output_dir`, each batch is written
-        atomically as `chunk-{start}.safetensors` and skipped when the build is resumed."""
+        atomically as `chunk-{start}-{size}.safetensors` and read back instead of embedded when the build resumes
+        (a chunk file that is damaged or of another shape is embedded again). Non-finite embeddings are refused,
+        naming the documents."""
         embedder = self.embedder if embedder is None else embedder
+        if rows is None:
+            check_corpus(dataset)  # (build_index checks once, then passes rows batch by batch)
         was_training = embedder.training
         embedder.eval()
         device = self._device(embedder)
@@ -171,14 +241,15 @@ class RealmStyleRetriever(HubMixin):
                 block = rows[start : start + batch_size]
                 chunk = None if folder is None else folder / f"chunk-{block[0]:010d}-{len(block)}.safetensors"
                 if chunk is not None and chunk.is_file():
-                    from safetensors.torch import load_file
-
-                    pieces.append(load_file(str(chunk))["embeddings"])
-                    continue
+                    stored = self._read_chunk(chunk, len(block))
+                    if stored is not None:
+                        pieces.append(stored)
+                        continue
                 selected = dataset.select(block) if hasattr(dataset, "select") else [dataset[i] for i in block]
                 inputs = self.tokenize_documents(_column(selected, "title"), _column(selected, "text"), max_length)
                 inputs = {key: value.to(device) for key, value in inputs.items()}
                 embeddings = embedder.embed_documents(**inputs).float().cpu()
+                check_finite_rows(embeddings, "The embeddings of documents", _column(selected, "id"))
                 if chunk is not None:
                     save_tensors_atomic(chunk, {"embeddings": embeddings})
                 pieces.append(embeddings)
@@ -187,6 +258,20 @@ class RealmStyleRetriever(HubMixin):
         if not pieces:
             raise ValueError("no documents to embed")
         return torch.cat(pieces)
+
+    @staticmethod
+    def _read_chunk(path: Path, rows: int) -> torch.Tensor | None:
+        """A finished chunk's embeddings, or None (with a warning) when the file cannot be trusted."""
+        problem = safetensors_problem(path)
+        if problem is None:
+            from safetensors.torch import load_file
+
+            embeddings = load_file(str(path)).get("embeddings")
+            if embeddings is not None and embeddings.dim() == 2 and embeddings.shape[0] == rows:
+                return embeddings
+            problem = f"it holds {None if embeddings is None else tuple(embeddings.shape)}, not {rows} embeddings"
+        logger.warning("%s is damaged (%s); its documents are embedded again.", path, problem)
+        return None
 
     def build_index(
         self,
@@ -202,39 +287,74 @@ class RealmStyleRetriever(HubMixin):
     ) -> DocumentIndex:
         """Embed every document of `dataset` (columns id, title, text) and build a `DocumentIndex`.
 
-        `output_dir`: embeddings are written there batch by batch (atomically) with a `build_state.json`; a crashed
-        or interrupted build resumes from the finished batches. The state records the number of documents,
-        batch_size, max_length, world size, a sha1 of the embedder weights and the datasets fingerprint: a build with
-        other settings or another embedder snapshot raises instead of mixing stale chunks in. The finished index is
-        saved to `output_dir/index`. Under torch.distributed, rows are split round-robin by batch
-        across ranks; with `output_dir` (a shared folder) every rank then reads all chunks, otherwise embeddings are
-        exchanged with all_gather_object. `embedder` overrides self.embedder (used by the refresh callback with a
-        snapshot); `set_index=False` returns the index without installing it; `distributed=False` embeds everything in
-        this process with no collective calls (required off the main thread, e.g. in IndexRefreshCallback). `index_kwargs` go to DocumentIndex.
+        The corpus is checked before any work (see check_corpus: an empty corpus, a missing id or text column, None
+        texts, duplicate ids are refused with the row and the fix). `output_dir`: embeddings are written there batch
+        by batch (atomically) with a `build_state.json`; a crashed or interrupted build (kill -9 included) resumes
+        from the finished batches. The state records the number of documents, batch_size, max_length, world size,
+        the embedder's fingerprint (every weight) and a digest of the corpus content (lists included): a build with
+        other settings, another embedder snapshot or an edited corpus raises instead of mixing stale chunks in. The
+        finished index is saved to `output_dir/index` together with the completed state, as one commit. One builder
+        per folder: a second build of the same `output_dir` waits for the first. Under torch.distributed, rows are
+        split round-robin by batch across ranks; with `output_dir` (a shared folder) every rank then reads all chunks,
+        otherwise embeddings are exchanged with all_gather_object. `embedder` overrides self.embedder (used by the
+        refresh callback with a snapshot); `set_index=False` returns the index without installing it;
+        `distributed=False` embeds everything in this process with no collective calls (required off the main
+        thread, e.g. in IndexRefreshCallback). `index_kwargs` go to DocumentIndex.
         """
+        corpus_digest = check_corpus(dataset)
         rank, world = _distributed() if distributed else (0, 1)
+        folder = None if output_dir is None else Path(output_dir)
+        lock = contextlib.ExitStack()
+        if folder is not None and rank == 0:
+            lock.enter_context(build_lock(folder))
+        with lock:
+            index = self._build_index(
+                dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
+            )
+        if set_index:
+            self.index = index
+            self.documents = dataset  # the new corpus, a list included: retrieve returns its texts
+            self._doc_rows = None
+        return index
+
+    def _build_index(
+        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
+    ) -> DocumentIndex:
+        # Every weight, in its own dtype: chunks embedded by another snapshot (or dtype) are never reused.
+        embedder_fingerprint = native_fingerprint((self.embedder if embedder is None else embedder).state_dict().items())
         total = len(dataset)
         batches = [list(range(s, min(s + batch_size, total))) for s in range(0, total, batch_size)]
-        folder = None if output_dir is None else Path(output_dir)
+        state = {}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             state = {
+                "build_format": BUILD_FORMAT,
                 "num_documents": total,
                 "batch_size": batch_size,
                 "max_length": max_length,
                 "world_size": world,
-                "embedder_sha1": _weights_fingerprint(self.embedder if embedder is None else embedder),
-                "dataset_fingerprint": getattr(dataset, "_fingerprint", None),
+                "embedder_fingerprint": embedder_fingerprint,
+                "corpus_digest": corpus_digest,
             }
             state_path = folder / STATE_NAME
-            if state_path.is_file():
-                previous = json.loads(state_path.read_text(encoding="utf-8"))
+            if rank == 0:
+                if state_path.is_file():
+                    previous = read_json(state_path)
+                    if any(previous.get(key) != value for key, value in state.items()):
+                        differ = sorted(key for key, value in state.items() if previous.get(key) != value)
+                        raise ValueError(
+                            f"{folder} holds a build with different settings (differs in {differ}): its chunks "
+                            "cannot be reused. Use another output_dir, or delete this one to start afresh."
+                        )
+                else:
+                    for stale in folder.glob("chunk-*.safetensors"):  # chunks of no recorded build
+                        stale.unlink()
+                    write_json_atomic(state_path, {**state, "complete": False})
+            if world > 1:
+                torch.distributed.barrier()  # the others start once rank 0 holds the folder and checked its state
+                previous = read_json(state_path)
                 if any(previous.get(key) != value for key, value in state.items()):
-                    raise ValueError(
-                        f"{folder} holds a build with different settings {previous}; use another output_dir"
-                    )
-            elif rank == 0:
-                write_json_atomic(state_path, {**state, "complete": False})
+                    raise ValueError(f"{folder} holds a build with different settings than this rank's.")
         # embed_corpus writes one chunk per call-batch: pass rank-local batches one by one so chunk names match.
         pieces = {}
         bar = tqdm(total=len(batches), desc="Building index", disable=not progress or rank != 0, leave=False)
@@ -254,37 +374,41 @@ class RealmStyleRetriever(HubMixin):
         if world > 1:
             if folder is not None:
                 torch.distributed.barrier()
-                from safetensors.torch import load_file
-
                 for i, block in enumerate(batches):
                     if i not in pieces:
                         name = folder / f"chunk-{block[0]:010d}-{len(block)}.safetensors"
-                        pieces[i] = load_file(str(name))["embeddings"]
+                        stored = self._read_chunk(name, len(block))
+                        if stored is None:
+                            raise RuntimeError(f"{name} was not written by its rank; run the build again.")
+                        pieces[i] = stored
             else:
                 gathered: list[Any] = [None] * world
                 torch.distributed.all_gather_object(gathered, pieces)
                 pieces = {i: p for part in gathered for i, p in part.items()}
         embeddings = torch.cat([pieces[i] for i in range(len(batches))])
-        ids = [str(v) for v in (dataset["id"] if hasattr(dataset, "column_names") else [d["id"] for d in dataset])]
         documents = dataset if hasattr(dataset, "column_names") else None
-        index = DocumentIndex(ids, embeddings, documents=documents, **index_kwargs)
+        index = DocumentIndex(_ids(dataset), embeddings, documents=documents, **index_kwargs)
+        index.embedder_fingerprint = embedder_fingerprint
         if folder is not None and rank == 0:
-            index.save_pretrained(folder / "index", save_documents=False)
-            write_json_atomic(folder / STATE_NAME, {**state, "complete": True})
-        if set_index:
-            self.index = index
-            if self.documents is None or documents is not None:
-                self.documents = dataset
-                self._doc_rows = None
+            # The index and the completed state go in as one commit: a kill anywhere leaves a resumable build.
+            with FolderCommit(folder, stale=(f"{INDEX_DIR}/**",)) as staging:
+                index.write_files(staging / INDEX_DIR, save_documents=False)
+                (staging / STATE_NAME).write_text(json.dumps({**state, "complete": True}, indent=2), encoding="utf-8")
         return index
 
     def add_documents(self, dataset: Any, batch_size: int = 64, max_length: int = 288, progress: bool = False) -> None:
-        """Embed new documents (columns id, title, text) with the current embedder and add them to the index and to
-        `documents`, without rebuilding the index (DocumentIndex.add)."""
+        """Embed new documents (columns id, title, text; checked as by build_index) with the current embedder and add
+        them to the index and to `documents`, without rebuilding the index (DocumentIndex.add)."""
         if self.index is None:
             raise ValueError("No index: call build_index first.")
-        embeddings = self.embed_corpus(dataset, batch_size=batch_size, max_length=max_length, progress=progress)
-        ids = [str(v) for v in (dataset["id"] if hasattr(dataset, "column_names") else [d["id"] for d in dataset])]
+        check_corpus(dataset)
+        ids = _ids(dataset)
+        present = [doc_id for doc_id in ids if doc_id in self.index]
+        if present:  # refused before any embedding
+            raise ValueError(f"documents {present[:5]} are already in the index: ids must be unique.")
+        embeddings = self.embed_corpus(
+            dataset, batch_size=batch_size, max_length=max_length, progress=progress, rows=range(len(dataset))
+        )
         self.index.add(ids, embeddings)
         if self.documents is None:
             self.documents = dataset
@@ -343,6 +467,7 @@ class RealmStyleRetriever(HubMixin):
         device = self._device()
         inputs = {key: value.to(device) for key, value in self._tokenize_queries(queries, max_length).items()}
         query_emb = self.embedder.embed_queries(**inputs)
+        check_finite_rows(query_emb.detach(), "The embeddings of queries (rows)")
         batch = query_emb.shape[0]
         if exclude_ids is None:
             exclude_ids = [None] * batch
@@ -421,33 +546,34 @@ class RealmStyleRetriever(HubMixin):
     _hub_name = "This RealmStyleRetriever"
 
     def save_pretrained(self, save_directory: str | os.PathLike, save_embedder: bool = True) -> None:
-        """embedder/ (save_pretrained, with the tokenizer), index/ (DocumentIndex), documents/ (save_to_disk) and a
-        model card. `save_embedder=False` leaves the embedder's weights out (a model that holds the embedder
-        itself, like RealmKnowledgeAugmentedMLM, saves them once); `from_pretrained` then needs `embedder=`."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        if save_embedder:
-            self.embedder.save_pretrained(str(folder / "embedder"))
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(str(folder / "embedder"))
-        if self.index is not None:
-            self.index.save_pretrained(folder / "index", save_documents=False)
-        if self.documents is not None:
-            documents = self.documents
-            if not hasattr(documents, "save_to_disk"):
-                from datasets import Dataset
+        """embedder/ (save_pretrained, with the tokenizer), index/ (DocumentIndex), documents/ (save_to_disk), a model
+        card and retriever_config.json, as one folder commit: a reader sees the previous save or this one, never a
+        mix, and saving into the folder the retriever was loaded from works (its memory-mapped documents stay valid).
+        `save_embedder=False` leaves the embedder's weights out (a model that holds the embedder itself, like
+        RealmKnowledgeAugmentedMLM, saves them once); `from_pretrained` then needs `embedder=`."""
+        target = Path(save_directory)
+        with FolderCommit(target, stale=("embedder/**", f"{INDEX_DIR}/**", "documents/**")) as staging:
+            if save_embedder:
+                self.embedder.save_pretrained(str(staging / "embedder"))
+            if hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(str(staging / "embedder"))
+            if self.index is not None:
+                self.index.write_files(staging / INDEX_DIR, save_documents=False, final_directory=target / INDEX_DIR)
+            if self.documents is not None:
+                documents = self.documents
+                if not hasattr(documents, "save_to_disk"):
+                    from datasets import Dataset
 
-                documents = Dataset.from_list(list(documents))
-            documents.save_to_disk(str(folder / "documents"))
-        save_model_card(folder, self._model_card)
-        write_json_atomic(
-            folder / RETRIEVER_CONFIG_NAME,
-            {
+                    documents = Dataset.from_list(list(documents))
+                documents.save_to_disk(str(staging / "documents"))
+            if card_is_ours(target / "README.md"):
+                (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+            config = {
                 "has_index": self.index is not None,
                 "has_documents": self.documents is not None,
                 "has_embedder": save_embedder,
-            },
-        )
+            }
+            (staging / RETRIEVER_CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def _hub_base(self) -> str | None:
         return getattr(getattr(self.embedder, "config", None), "encoder_name_or_path", None)
@@ -485,7 +611,8 @@ class RealmStyleRetriever(HubMixin):
         embedder: nn.Module | None = None,
         **download_kwargs: Any,
     ) -> RealmStyleRetriever:
-        """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first).
+        """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first); any
+        interrupted save in a local folder is finished first.
 
         `embedder=` reuses an embedder instead of loading `embedder/` (needed when it was saved without it);
         `embedder_class` defaults to AutoModel. Hub options (revision, token, ...) go to the download.
@@ -494,9 +621,17 @@ class RealmStyleRetriever(HubMixin):
         if unknown:
             raise TypeError(f"Unexpected arguments {sorted(unknown)}.")
         folder = resolve_folder(directory, what="RealmStyleRetriever", **download)
+        with reading_folder(folder):
+            return cls._load(folder, directory, embedder_class, device, embedder)
+
+    @classmethod
+    def _load(cls, folder: Path, directory: Any, embedder_class: Any, device: Any, embedder: Any) -> RealmStyleRetriever:
         if not (folder / RETRIEVER_CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{directory} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}).")
-        config = json.loads((folder / RETRIEVER_CONFIG_NAME).read_text(encoding="utf-8"))
+            raise FileNotFoundError(
+                f"{directory} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}); save one with "
+                "RealmStyleRetriever.save_pretrained."
+            )
+        config = read_json(folder / RETRIEVER_CONFIG_NAME)
         if embedder is None:
             if not config.get("has_embedder", True):
                 raise ValueError(
@@ -520,6 +655,6 @@ class RealmStyleRetriever(HubMixin):
             documents = load_from_disk(str(folder / "documents"))
         index = None
         if config.get("has_index"):
-            index = DocumentIndex.from_pretrained(folder / "index", device=device)
+            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, device=device)
             index.documents = documents
         return cls(embedder, tokenizer, index=index, documents=documents)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 
-from ...file_utils import atomic_write
+from ...utils.io import atomic_write
 from .records import (
     DataReport,
     RecordError,

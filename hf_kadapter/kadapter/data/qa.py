@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 
+from ...utils.records import check_decoded, read_text
 from .records import (
     DataFormatError,
     DataReport,
@@ -97,7 +98,7 @@ def load_squad(path: str | Path, *, on_error: str = "raise", report: DataReport 
     check_on_error(on_error)
     report = report if report is not None else DataReport()
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # bytes that are not UTF-8 are named (or skipped) with the question holding them
     try:
         root = json.loads(text)
     except json.JSONDecodeError as error:
@@ -132,6 +133,7 @@ def load_squad(path: str | Path, *, on_error: str = "raise", report: DataReport 
                 if not isinstance(paragraph, dict):
                     raise RecordError("<paragraph>", f"expected an object, got {type(paragraph).__name__}")
                 context = require(paragraph, "context", str)
+                check_decoded(context)
                 if not context.strip():
                     raise RecordError("context", "empty")
                 questions = require(paragraph, "qas", list)
@@ -148,6 +150,7 @@ def load_squad(path: str | Path, *, on_error: str = "raise", report: DataReport 
                 try:
                     if not isinstance(qa, dict):
                         raise RecordError("<question>", f"expected an object, got {type(qa).__name__}")
+                    check_decoded(qa)
                     require(qa, "id", str)
                     if qid in seen:
                         raise RecordError("id", "duplicate question id")

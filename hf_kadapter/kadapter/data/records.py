@@ -1,8 +1,7 @@
-"""Reading record files (JSON arrays or JSON Lines) with errors that name the file, line and field.
+"""K-Adapter record helpers: field checks for word-level formats, markers and subword positions.
 
-Every K-Adapter data format goes through `load_records`: a format-specific `validate` function checks and
-normalises one record and raises `RecordError(field, why)`; `load_records` turns that into a
-`DataFormatError` naming where it happened, or skips and counts the record when the caller asks for it.
+The general reading (JSON / JSON Lines, file/line/field errors, counted skips) lives in hf_kadapter.utils.records;
+its names are re-exported here, where the K-Adapter loaders have always found them.
 """
 
 from __future__ import annotations
@@ -10,145 +9,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import datasets
+from ...utils.records import (
+    ON_ERROR,
+    DataFormatError,
+    DataReport,
+    RecordError,
+    check_on_error,
+    iter_json_records,
+    load_records,
+    require,
+)
 
 logger = logging.getLogger(__name__)
-
-ON_ERROR = ("raise", "skip")
-
-
-class RecordError(ValueError):
-    """A record is malformed; raised by validators, located by `load_records`."""
-
-    def __init__(self, field_name: str, why: str):
-        super().__init__(f"field {field_name!r}: {why}")
-        self.field = field_name
-        self.why = why
-
-
-class DataFormatError(ValueError):
-    """A data file holds a malformed record: the message names the file, the line and the field."""
-
-    def __init__(self, path: str, line: int, field_name: str, why: str):
-        super().__init__(
-            f"{path}, line {line}, field {field_name!r}: {why}. Fix the record, or load with on_error='skip' to "
-            "skip malformed records and count them."
-        )
-        self.path = path
-        self.line = line
-        self.field = field_name
-
-
-@dataclass
-class DataReport:
-    """What loading or preprocessing kept and skipped, and why (filled in when on_error='skip')."""
-
-    read: int = 0
-    kept: int = 0
-    skipped: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    notes: Counter = field(default_factory=Counter)
-
-    def skip(self, reason: str) -> None:
-        self.skipped += 1
-        self.reasons[reason] += 1
-
-    def note(self, what: str, count: int = 1) -> None:
-        """Count something that was handled without dropping the record (e.g. a head cut by truncation)."""
-        self.notes[what] += count
-
-    def summary(self) -> str:
-        parts = [f"read {self.read}, kept {self.kept}, skipped {self.skipped}"]
-        parts += [f"{reason}: {count}" for reason, count in self.reasons.most_common()]
-        parts += [f"{what}: {count}" for what, count in self.notes.most_common()]
-        return "; ".join(parts)
-
-
-def check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r} is not supported; use one of {ON_ERROR}.")
-
-
-def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, record) from a JSON Lines file or a JSON array file (line = where the record starts)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if not stripped:
-        return
-    if stripped[0] == "[":
-        decoder = json.JSONDecoder()
-        position = text.index("[") + 1
-        while True:
-            while position < len(text) and text[position] in " \t\r\n,":
-                position += 1
-            if position >= len(text) or text[position] == "]":
-                return
-            line = text.count("\n", 0, position) + 1
-            try:
-                record, position = decoder.raw_decode(text, position)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(str(path), line, "<json>", f"invalid JSON ({error.msg})") from error
-            yield line, record
-    else:
-        for line, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield line, json.loads(raw)
-            except json.JSONDecodeError as error:
-                raise DataFormatError(str(path), line, "<json>", f"invalid JSON ({error.msg})") from error
-
-
-def load_records(
-    path: str | Path,
-    validate: Callable[[dict[str, Any]], dict[str, Any] | list[dict[str, Any]]],
-    *,
-    on_error: str = "raise",
-    report: DataReport | None = None,
-) -> datasets.Dataset:
-    """Validate every record of `path` into a datasets.Dataset; a validator may expand one record into several."""
-    check_on_error(on_error)
-    report = report if report is not None else DataReport()
-    rows: list[dict[str, Any]] = []
-    for line, record in iter_json_records(path):
-        report.read += 1
-        try:
-            if not isinstance(record, dict):
-                raise RecordError("<record>", f"expected a JSON object, got {type(record).__name__}")
-            result = validate(record)
-        except RecordError as error:
-            if on_error == "raise":
-                raise DataFormatError(str(path), line, error.field, error.why) from None
-            report.skip(f"{error.field}: {error.why}")
-            continue
-        new_rows = result if isinstance(result, list) else [result]
-        rows.extend(new_rows)
-        report.kept += 1
-    if report.skipped:
-        logger.warning("%s: %s", path, report.summary())
-    if not rows:
-        raise DataFormatError(str(path), 0, "<file>", "no usable records")
-    return datasets.Dataset.from_list(rows)
-
-
-# ----- field checks shared by the validators ------------------------------------------------------------------
-def require(record: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    if name not in record:
-        raise RecordError(name, "missing")
-    value = record[name]
-    if isinstance(value, bool) and kind in (int, (int,)):
-        raise RecordError(name, f"expected {getattr(kind, '__name__', kind)}, got bool")
-    if not isinstance(value, kind):
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise RecordError(name, f"expected {expected}, got {type(value).__name__}")
-    return value
 
 
 def require_tokens(record: dict[str, Any], name: str) -> list[str]:
@@ -248,3 +122,22 @@ def prepare_word_tokenizer(tokenizer: Any) -> Any:
         fixed.add_prefix_space = True
     logger.info("%s: using a copy with add_prefix_space=True for pre-split words.", type(tokenizer).__name__)
     return fixed
+
+
+__all__ = [
+    "ON_ERROR",
+    "DataFormatError",
+    "DataReport",
+    "RecordError",
+    "check_on_error",
+    "first_subword_positions",
+    "insert_markers",
+    "iter_json_records",
+    "load_records",
+    "prepare_word_tokenizer",
+    "require",
+    "require_fast_tokenizer",
+    "require_label",
+    "require_span",
+    "require_tokens",
+]
