@@ -65,8 +65,9 @@ class KAdapterSettings:
     head_batch: int = 32
     feature_cache_dtype: str = "float32"
     paper_regime_seeds: int = 0  # also fine-tune the base (adapters frozen) as the paper does, on this many seeds
-    paper_epochs: float = 2.0
-    paper_lr: float = 5e-5
+    paper_train_limit: int | None = 2000  # typing examples the (costly) paper regime fine-tunes on
+    paper_epochs: float = 3.0
+    paper_lr: float = 1e-4
 
 
 def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int = 0) -> list[dict[str, Any]]:
@@ -380,7 +381,10 @@ def run_kadapter(
             if regime == "paper":  # the paper's fine-tuning: base trained, adapters frozen, full forward
                 model.unfreeze_base()
                 model.freeze_adapter()
-                curve = train_small(model, data.typing[train_name], typing_collator, output_dir=workdir / "trainer",
+                subset = data.typing[train_name]
+                if settings.paper_train_limit is not None and len(subset) > settings.paper_train_limit:
+                    subset = subset.shuffle(seed=0).select(range(settings.paper_train_limit))
+                curve = train_small(model, subset, typing_collator, output_dir=workdir / "trainer",
                                     seed=seed, epochs=settings.paper_epochs, learning_rate=settings.paper_lr,
                                     batch_size=settings.head_batch, warmup_ratio=0.06)  # fmt: skip
                 logits = predict_batches(model, data.typing[eval_name], typing_collator, 64, lambda out: out.logits)

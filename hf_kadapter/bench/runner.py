@@ -44,16 +44,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       doc_max_length=32, reader_k=2, reader_epochs=1.0),
     },
     "quick": {
-        "kadapter": dict(fact_limit=1500, typing_train_limit=1500, typing_test_limit=None, adapter_hidden=128,
-                         adapter_layers=1, adapter_heads=4, max_length=48, pretrain_epochs=2.0, head_epochs=10.0),
-        "pelt": dict(train_limit=1500, eval_limit=None, max_occurrences=8, epochs=6.0),
-        "realm": dict(num_documents=2000, train_limit=800, eval_limit=300, k=4, steps=80, refresh_every=20,
-                      doc_max_length=32, reader_k=4, reader_epochs=2.0),
+        "kadapter": dict(fact_limit=1200, typing_train_limit=1500, typing_test_limit=None, adapter_hidden=128,
+                         adapter_layers=1, adapter_heads=4, max_length=48, pretrain_epochs=2.0, head_epochs=8.0,
+                         head_batch=64),
+        "pelt": dict(train_limit=1500, eval_limit=None, max_occurrences=8),
+        "realm": dict(num_documents=1000, train_limit=400, eval_limit=150, k=3, batch_size=4, steps=50,
+                      refresh_every=15, doc_max_length=32, reader_k=3, reader_epochs=1.0),
     },
     "full": {
-        "kadapter": dict(pretrain_epochs=5.0, head_epochs=10.0),
-        "pelt": dict(max_occurrences=32, epochs=10.0),
-        "realm": dict(num_documents=None, steps=600, refresh_every=100),
+        "kadapter": dict(pretrain_epochs=3.0, head_epochs=10.0, head_batch=64, paper_regime_seeds=3),
+        "pelt": dict(max_occurrences=32),
+        "realm": dict(num_documents=5000, k=3, batch_size=8, steps=200, refresh_every=50, reader_k=4,
+                      reader_epochs=2.0),
     },
 }  # fmt: skip
 
