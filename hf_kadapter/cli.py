@@ -199,12 +199,6 @@ def _add_build_index(subparsers: Any) -> None:
     parser.set_defaults(handler=_build_index)
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    from .kadapter.data import load_records_plain
-
-    return load_records_plain(path)
-
-
 def _build_index(args: argparse.Namespace) -> int:
     import datasets
     from transformers import AutoTokenizer
