@@ -54,8 +54,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "kadapter": dict(pretrain_epochs=3.0, head_epochs=10.0, head_batch=64, paper_regime_seeds=3),
         "pelt": dict(max_occurrences=32),
-        "realm": dict(num_documents=5000, k=3, batch_size=8, steps=200, refresh_every=50, reader_k=4,
-                      reader_epochs=2.0),
+        "realm": dict(num_documents=3000, train_limit=2000, k=3, batch_size=8, steps=100, refresh_every=25,
+                      reader_k=4, reader_epochs=2.0),
     },
 }  # fmt: skip
 
