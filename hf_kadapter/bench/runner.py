@@ -56,7 +56,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "composed": dict(fact_limit=1200, train_limit=1000, max_occurrences=8, head_epochs=5.0),
     },
     "full": {
-        "kadapter": dict(pretrain_epochs=3.0, head_epochs=10.0, head_batch=64, paper_regime_seeds=3),
+        "kadapter": dict(adapter_hidden=128, adapter_layers=1, adapter_heads=4, pretrain_epochs=3.0, head_epochs=10.0,
+                         head_batch=64, paper_regime_seeds=3, paper_train_limit=1500),
         "pelt": dict(max_occurrences=32),
         "realm": dict(num_documents=3000, train_limit=2000, k=3, batch_size=8, steps=100, refresh_every=25,
                       reader_k=4, reader_epochs=2.0),
