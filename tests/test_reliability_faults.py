@@ -424,6 +424,35 @@ def test_recovery_finishes_a_commit_whose_writer_died(tmp_path):
     assert contents() == [b"2", b"2"] and not leftovers(tmp_path)
 
 
+def test_an_exception_during_a_commit_leaves_the_old_or_the_new_version(tmp_path):
+    """Ctrl-C (or a full disk) inside the process, at every write boundary of a commit: once the record is written
+    its staged files must survive the exception, so the next reader finishes the commit instead of mixing versions."""
+    folder = tmp_path / "folder"
+    versions = {"old": {"a.json": b"old", "b.json": b"old", "c.json": b"old"}, "new": {"a.json": b"new", "b.json": b"new"}}
+
+    def save(version: str):
+        with shared_io.FolderCommit(folder, stale=("*.json",)) as staging:
+            for name, data in versions[version].items():
+                (staging / name).write_bytes(data)
+
+    save("old")
+    labels = boundaries(lambda: save("new"))
+    for n, label in enumerate(labels, start=1):
+        save("old")
+        count = iter(range(1, n + 1))
+
+        def interrupt(label, count=count, n=n):
+            if next(count, None) == n:
+                raise KeyboardInterrupt
+
+        with fault_hook(interrupt), pytest.raises(KeyboardInterrupt):
+            save("new")
+        with shared_io.reading_folder(folder):
+            contents = {p.name: p.read_bytes() for p in folder.glob("*.json")}
+        assert contents in list(versions.values()), (n, label, contents)
+        assert not leftovers(folder), (n, label)
+
+
 def test_commits_and_recovery_never_touch_foreign_files(tmp_path):
     foreign = {
         "checkpoint-1/model.safetensors": b"a Trainer checkpoint",  # matches a stale pattern, one level down

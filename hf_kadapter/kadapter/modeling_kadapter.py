@@ -391,6 +391,7 @@ class FolderCommit:
         self.stale = tuple(stale)
         self.staging: Path | None = None
         self._lock: contextlib.ExitStack | None = None
+        self._record: Path | None = None
 
     def __enter__(self) -> Path:
         if self.folder.is_file():
@@ -410,7 +411,10 @@ class FolderCommit:
                 self._commit()
         finally:
             self._lock.close()
-            shutil.rmtree(self.staging, ignore_errors=True)
+            # Once its record is written the staging folder belongs to the record: an exception while applying it
+            # (Ctrl-C, a full disk) leaves both for the next reader to roll forward, never a record without its files.
+            if self._record is None or not self._record.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def _commit(self) -> None:
         staging, folder = self.staging, self.folder
@@ -435,12 +439,12 @@ class FolderCommit:
             new = set(files)
             delete = [p for p in _relative_files(folder) if p not in new and _matches(p, self.stale)]
             record = {"staging": staging.name, "files": files, "delete": delete}
-            name = f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            with atomic_write(folder / name) as stream:
+            self._record = folder / f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            with atomic_write(self._record) as stream:
                 json.dump(record, stream)
             _fsync_dir(folder)
             _fault_point("commit:recorded")
-            _apply_record(folder, folder / name)
+            _apply_record(folder, self._record)
 # the helpers of hf_kadapter/utils/fingerprint.py
 FINGERPRINT_VERSION = "fp2"
 _VIEW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
