@@ -873,6 +873,18 @@ def push_folder_to_hub(
         )
 
 
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "tags", "base_model_id")
+
+
+def pop_push_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """`save_pretrained(folder, push_to_hub=True, repo_id=..., tags=...)`: take the upload's options out of the save's
+    keyword arguments (None unless push_to_hub). The caller commits its folder, then calls its own push_to_hub with
+    them: transformers' save_pretrained would upload the commit's staging folder, before the card and companions."""
+    push = kwargs.pop("push_to_hub", False)
+    options = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    return options if push else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
@@ -1564,20 +1576,8 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file; give a folder.")
-        push_kwargs = {
-            key: kwargs.pop(key)
-            for key in (
-                "repo_id",
-                "commit_message",
-                "private",
-                "token",
-                "revision",
-                "create_pr",
-                "tags",
-                "base_model_id",
-            )
-            if key in kwargs
-        }
+        kwargs["push_to_hub"] = push_to_hub
+        push = pop_push_kwargs(kwargs)
         if save_base is None:
             save_base = self.base_weights_trainable()
         if state_dict is None:
@@ -1595,10 +1595,8 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 shutil.copyfile(here / source, staging / source)
             if card_is_ours(save_directory / "README.md"):
                 (staging / "README.md").write_text(self._model_card(save_base), encoding="utf-8")
-        if push_to_hub:
-            self.push_to_hub(
-                push_kwargs.pop("repo_id", None) or save_directory.name, save_base=save_base, **push_kwargs
-            )
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or save_directory.name, save_base=save_base, **push, **kwargs)
 
     def push_to_hub(
         self,

@@ -19,7 +19,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, split_download_kwargs
+from ..utils.hub import (
+    LIBRARY_NAME,
+    HubMixin,
+    card_is_ours,
+    is_hub_id,
+    model_card,
+    pop_push_kwargs,
+    split_download_kwargs,
+)
 from ..utils.io import FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
@@ -307,20 +315,23 @@ class PELTModel(PELTPreTrainedModel):
             raise ValueError("This PELTModel has no entity table to save: plug one in with set_table(table) first.")
         if not kwargs.get("is_main_process", True):
             return
+        push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         # Weights, table and card as one folder commit (hf_kadapter.utils.io): never new weights beside an old table.
         with FolderCommit(folder, stale=("model*.safetensors*", f"{TABLE_SUBFOLDER}/**")) as staging:
-            save_table = save_with_companion(
+            with_table = save_with_companion(
                 lambda: super(PELTModel, self).save_pretrained(staging, **kwargs),
                 self.config,
                 "entity_table",
                 save_table,
                 "entity table",
             )
-            if save_table:
+            if with_table:
                 self.table.write_files(staging / TABLE_SUBFOLDER, folder / TABLE_SUBFOLDER)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or folder.name, save_table=save_table, **push, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -529,6 +529,18 @@ def push_folder_to_hub(
         )
 
 
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "tags", "base_model_id")
+
+
+def pop_push_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """`save_pretrained(folder, push_to_hub=True, repo_id=..., tags=...)`: take the upload's options out of the save's
+    keyword arguments (None unless push_to_hub). The caller commits its folder, then calls its own push_to_hub with
+    them: transformers' save_pretrained would upload the commit's staging folder, before the card and companions."""
+    push = kwargs.pop("push_to_hub", False)
+    options = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    return options if push else None
+
+
 @dataclass
 class RetrieverEmbedderOutput(ModelOutput):
     """query_embeddings `[Bq, D]` and/or document_embeddings `[Bd, D]`; scores `[Bq, Bd]` when both are given."""
@@ -732,18 +744,18 @@ class RetrieverEmbedder(RetrieverEmbedderPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """transformers' save (safetensors, config with auto_map, this code as remote code) plus a model card, as one
         folder commit: a kill never leaves new weights beside an old config; other files in the folder are kept.
-        With `push_to_hub=True` the saved folder is then uploaded (`repo_id` ... as push_to_hub)."""
+        With `push_to_hub=True` the saved folder is then uploaded (`repo_id`, `tags`, `base_model_id` ... as
+        push_to_hub)."""
         if not kwargs.get("is_main_process", True):
             return
-        push = kwargs.pop("push_to_hub", False)
-        push_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
+        push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         with FolderCommit(folder, stale=("model*.safetensors*",)) as staging:
             super().save_pretrained(staging, **kwargs)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
-        if push:
-            self.push_to_hub(push_kwargs.pop("repo_id", None) or folder.name, **push_kwargs)
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or folder.name, **push, **kwargs)
 
     def push_to_hub(
         self,

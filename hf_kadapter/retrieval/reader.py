@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, pop_push_kwargs
 from ..utils.io import FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
@@ -141,10 +141,13 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         commit (hf_kadapter.utils.io): a kill never leaves new weights beside an old config."""
         if not kwargs.get("is_main_process", True):
             return
+        push = pop_push_kwargs(kwargs)
         with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
             super().save_pretrained(staging, **kwargs)
             if card_is_ours(Path(save_directory) / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or Path(save_directory).name, **push, **kwargs)
 
     def _hub_base(self) -> str | None:
         return self.config.encoder_name_or_path

@@ -35,6 +35,7 @@ from ..utils.hub import (
     card_is_ours,
     is_hub_id,
     model_card,
+    pop_push_kwargs,
     resolve_folder,
     split_download_kwargs,
 )
@@ -501,20 +502,23 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
             raise ValueError("This model has no retriever to save: attach one with set_retriever(retriever) first.")
         if not kwargs.get("is_main_process", True):
             return
+        push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         # Weights, retriever and card as one folder commit (hf_kadapter.utils.io).
         with FolderCommit(folder, stale=("model*.safetensors*", f"{RETRIEVER_SUBFOLDER}/**")) as staging:
-            save_retriever = save_with_companion(
+            with_retriever = save_with_companion(
                 lambda: super(RealmKnowledgeAugmentedMLM, self).save_pretrained(staging, **kwargs),
                 self.config,
                 "retriever",
                 save_retriever,
                 "retriever",
             )
-            if save_retriever:
+            if with_retriever:
                 self.retriever.save_pretrained(staging / RETRIEVER_SUBFOLDER, save_embedder=False)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or folder.name, save_retriever=save_retriever, **push, **kwargs)
 
     @classmethod
     def from_pretrained(
