@@ -459,14 +459,20 @@ def test_commits_and_recovery_never_touch_foreign_files(tmp_path):
         "notes.json": b"{}",
         ".editor.tmp": b"someone else's temporary file",
         "model_card_draft.md": b"mine",
+        "model_backup.safetensors": b"mine too",  # looks like weights, but not a name save_pretrained writes
     }
     for relative, data in foreign.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(data)
-    for weights in ("model-00001-of-00002.safetensors", "model.safetensors"):
-        with shared_io.FolderCommit(tmp_path, stale=("model*.safetensors*",)) as staging:
-            (staging / weights).write_bytes(b"ours")
+    for weights in (("model-00001-of-00002.safetensors", "model.safetensors.index.json"), ("model.safetensors",)):
+        with shared_io.FolderCommit(tmp_path, stale=shared_io.WEIGHTS_PATTERNS) as staging:
+            for name in weights:
+                (staging / name).write_bytes(b"ours")
     recover_folder(tmp_path)
     assert {relative: (tmp_path / relative).read_bytes() for relative in foreign} == foreign
     assert not (tmp_path / "model-00001-of-00002.safetensors").exists()  # ours, stale once model.safetensors came
+    assert not (tmp_path / "model.safetensors.index.json").exists()
     assert (tmp_path / "model.safetensors").read_bytes() == b"ours" and leftovers(tmp_path) == [".editor.tmp"]
+    # and through a model's own save
+    OpenQAReader(BertModel(tiny_bert_config(), add_pooling_layer=False), span_hidden_size=8).save_pretrained(tmp_path)
+    assert {relative: (tmp_path / relative).read_bytes() for relative in foreign} == foreign

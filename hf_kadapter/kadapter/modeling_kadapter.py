@@ -85,6 +85,16 @@ STAGING_PREFIX = ".staging-"
 RECORD_PREFIX = ".commit-"
 BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
 MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+# The weight files transformers' save_pretrained writes (one file or shards + index, variants included): the stale
+# patterns of a model folder. Narrow on purpose: a user's "model_backup.safetensors" beside them is not ours.
+WEIGHTS_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "model.*.safetensors",
+    "model.*-*-of-*.safetensors",
+    "model.safetensors.index.*.json",
+)
 _FAULT_HOOK: Callable[[str], None] | None = None
 
 
@@ -1587,7 +1597,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         if not is_main_process:
             return
         save_directory = Path(save_directory)
-        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+        with FolderCommit(save_directory, stale=WEIGHTS_PATTERNS) as staging:
             self.config.auto_map = dict(AUTO_MAP)
             super().save_pretrained(staging, state_dict=state_dict, is_main_process=True, **kwargs)
             here = Path(__file__).resolve().parent

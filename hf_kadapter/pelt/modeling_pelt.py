@@ -28,7 +28,7 @@ from ..utils.hub import (
     pop_push_kwargs,
     split_download_kwargs,
 )
-from ..utils.io import FolderCommit, reading_local
+from ..utils.io import WEIGHTS_PATTERNS, FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -318,7 +318,7 @@ class PELTModel(PELTPreTrainedModel):
         push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         # Weights, table and card as one folder commit (hf_kadapter.utils.io): never new weights beside an old table.
-        with FolderCommit(folder, stale=("model*.safetensors*", f"{TABLE_SUBFOLDER}/**")) as staging:
+        with FolderCommit(folder, stale=(*WEIGHTS_PATTERNS, f"{TABLE_SUBFOLDER}/**")) as staging:
             with_table = save_with_companion(
                 lambda: super(PELTModel, self).save_pretrained(staging, **kwargs),
                 self.config,

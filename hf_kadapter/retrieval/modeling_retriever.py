@@ -59,6 +59,16 @@ STAGING_PREFIX = ".staging-"
 RECORD_PREFIX = ".commit-"
 BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
 MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+# The weight files transformers' save_pretrained writes (one file or shards + index, variants included): the stale
+# patterns of a model folder. Narrow on purpose: a user's "model_backup.safetensors" beside them is not ours.
+WEIGHTS_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "model.*.safetensors",
+    "model.*-*-of-*.safetensors",
+    "model.safetensors.index.*.json",
+)
 _FAULT_HOOK: Callable[[str], None] | None = None
 
 
@@ -750,7 +760,7 @@ class RetrieverEmbedder(RetrieverEmbedderPreTrainedModel):
             return
         push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
-        with FolderCommit(folder, stale=("model*.safetensors*",)) as staging:
+        with FolderCommit(folder, stale=WEIGHTS_PATTERNS) as staging:
             super().save_pretrained(staging, **kwargs)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")

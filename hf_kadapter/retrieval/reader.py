@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, pop_push_kwargs
-from ..utils.io import FolderCommit, reading_local
+from ..utils.io import WEIGHTS_PATTERNS, FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -142,7 +142,7 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         if not kwargs.get("is_main_process", True):
             return
         push = pop_push_kwargs(kwargs)
-        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+        with FolderCommit(save_directory, stale=WEIGHTS_PATTERNS) as staging:
             super().save_pretrained(staging, **kwargs)
             if card_is_ours(Path(save_directory) / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")

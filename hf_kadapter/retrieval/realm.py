@@ -39,7 +39,7 @@ from ..utils.hub import (
     resolve_folder,
     split_download_kwargs,
 )
-from ..utils.io import FolderCommit, reading_local
+from ..utils.io import WEIGHTS_PATTERNS, FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -505,7 +505,7 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         # Weights, retriever and card as one folder commit (hf_kadapter.utils.io).
-        with FolderCommit(folder, stale=("model*.safetensors*", f"{RETRIEVER_SUBFOLDER}/**")) as staging:
+        with FolderCommit(folder, stale=(*WEIGHTS_PATTERNS, f"{RETRIEVER_SUBFOLDER}/**")) as staging:
             with_retriever = save_with_companion(
                 lambda: super(RealmKnowledgeAugmentedMLM, self).save_pretrained(staging, **kwargs),
                 self.config,

@@ -57,6 +57,16 @@ RECORD_PREFIX = ".commit-"
 BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
 # Hidden entries of the mechanism itself: never listed as an artefact's files, never uploaded.
 MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+# The weight files transformers' save_pretrained writes (one file or shards + index, variants included): the stale
+# patterns of a model folder. Narrow on purpose: a user's "model_backup.safetensors" beside them is not ours.
+WEIGHTS_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "model.*.safetensors",
+    "model.*-*-of-*.safetensors",
+    "model.safetensors.index.*.json",
+)
 
 # Tests set this to a callable(label) to kill or interrupt a job at a chosen write boundary.
 _FAULT_HOOK: Callable[[str], None] | None = None
@@ -500,6 +510,7 @@ __all__ = [
     "DamagedFileError",
     "FolderCommit",
     "MECHANISM_PATTERNS",
+    "WEIGHTS_PATTERNS",
     "atomic_write",
     "build_lock",
     "check_safetensors",
