@@ -630,7 +630,7 @@ class IndexRefreshCallback(TrainerCallback):
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _work(self, worker: Any) -> None:
+    def _work(self, worker: Any, settings: dict[str, Any]) -> None:
         try:
             self._result = worker.build_index(
                 self.dataset,
@@ -639,6 +639,7 @@ class IndexRefreshCallback(TrainerCallback):
                 progress=False,
                 set_index=False,
                 distributed=False,
+                **settings,
             )
         except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
             self.error = error
@@ -650,8 +651,13 @@ class IndexRefreshCallback(TrainerCallback):
         # The worker gets its own tokenizer copy: fast tokenizers keep padding/truncation state, so sharing one with
         # the training thread would race.
         worker = type(self.retriever)(snapshot, copy.deepcopy(self.retriever.tokenizer))
+        # The new index searches as the current one does (a faiss index stays a faiss index of the same type).
+        index = self.retriever.index
+        settings = index.search_settings() if index is not None else {}
         self._result, self._started_at = None, step
-        self._thread = threading.Thread(target=self._work, args=(worker,), name="realm-index-refresh", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(worker, settings), name="realm-index-refresh", daemon=True
+        )
         self._thread.start()
 
     def _maybe_swap(self, step: int) -> None:
