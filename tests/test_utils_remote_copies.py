@@ -18,7 +18,7 @@ import hf_kadapter.utils.io as shared_io
 
 COPIED = {
     shared_io: [
-        "DamagedFileError", "_fault_point", "_fsync_dir", "atomic_write", "_umask", "read_json", "safetensors_problem",
+        "DamagedFileError", "_fault_point", "_fsync_dir", "atomic_write", "_open_temporary", "read_json", "safetensors_problem",
         "check_safetensors", "_flock", "_is_mechanism_entry", "_records", "_stagings", "_relative_files", "_matches",
         "_apply_record", "_temporaries", "_clean_stagings", "recover_folder", "reading_folder", "FolderCommit",
     ],

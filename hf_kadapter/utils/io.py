@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -115,16 +116,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    handle, temp = _open_temporary(path)
     stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
     try:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_EX)
         yield stream
         stream.flush()
         os.fsync(stream.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file must be readable like any other
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
@@ -135,10 +132,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         stream.close()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _open_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path` (`.<name>-<8 hex digits>.tmp`, as _temporaries finds them), locked.
+
+    Created with mode 0o666 less the umask, as any file the user writes (mkstemp's files are 0600, and reading the
+    umask means setting it with os.umask, for every thread of the process at once). A file that a recovery took for
+    a dead writer's leftover between its creation and the lock is made again."""
+    while True:
+        temp = path.parent / f".{path.name}-{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is None:
+            return handle, temp
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if os.fstat(handle).st_nlink:
+            return handle, temp
+        os.close(handle)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
