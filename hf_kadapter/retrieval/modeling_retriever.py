@@ -306,8 +306,9 @@ def _apply_record(folder: Path, record_path: Path) -> None:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
-    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as _open_temporary, and before it
+    tempfile.mkstemp, names them) in `folder` and its direct subfolders (a build's partial/ for instance); other files
+    are never touched."""
     return sorted(
         p
         for pattern in (".*-????????.tmp", "*/.*-????????.tmp")

@@ -22,8 +22,9 @@ Locks are `flock`s on the folders' own descriptors (no lock files); where lockin
 folder such as the Hub cache, where nothing is ever written partially, or a filesystem without flock) reading goes
 ahead without one. Single files are written with `atomic_write` (temporary file + fsync + os.replace).
 
-(hf_kadapter/kadapter/modeling_kadapter.py keeps private copies of the helpers it needs: it is shipped as remote
-code and may import nothing from this package; a test keeps the copies identical.)
+(hf_kadapter/kadapter/modeling_kadapter.py and hf_kadapter/retrieval/modeling_retriever.py keep private copies of the
+helpers they need: they are shipped as remote code and may import nothing from this package; a test keeps the copies
+identical.)
 """
 
 from __future__ import annotations
@@ -312,8 +313,9 @@ def _stagings(folder: Path) -> list[Path]:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
-    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as _open_temporary, and before it
+    tempfile.mkstemp, names them) in `folder` and its direct subfolders (a build's partial/ for instance); other files
+    are never touched."""
     return sorted(
         p
         for pattern in (".*-????????.tmp", "*/.*-????????.tmp")
