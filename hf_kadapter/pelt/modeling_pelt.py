@@ -40,7 +40,7 @@ from ..utils.modeling import (
     source_name,
 )
 from .configuration_pelt import TABLE_SUBFOLDER, PELTConfig
-from .table import EntityLookupTable
+from .table import EntityLookupTable, EntityTableMismatchError
 
 Slots = torch.Tensor | Sequence[Sequence[int]] | Sequence[int] | None
 
@@ -175,6 +175,12 @@ def pelt_inputs_embeds(
         raise ValueError(
             f"entity_ids {sorted(set(index[index >= size].tolist()))[:10]} are outside the table ({size} entities): "
             "they were produced with another table; build the PELTTokenizer from this one."
+        )
+    if table.hidden_size != embeds.shape[-1]:
+        raise EntityTableMismatchError(
+            f"The entity table's vectors have {table.hidden_size} dimensions but the word embeddings of "
+            f"{type(model).__name__} have {embeds.shape[-1]}: the table was built by another model. Build one for "
+            "this model with build_entity_table(model, tokenizer, corpus)."
         )
     vectors = table.vectors(index.cpu(), norm=norm).to(device=embeds.device, dtype=embeds.dtype)
     flat = embeds.reshape(-1, embeds.shape[-2], embeds.shape[-1])

@@ -224,6 +224,11 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         if reference is None or doc_mask is None:
             raise ValueError("OpenQAReader needs input_ids (or inputs_embeds) and doc_mask")
         batch, k, length = reference.shape[:3]
+        if tuple(doc_mask.shape) != (batch, k, length):
+            raise ValueError(
+                f"doc_mask has shape {tuple(doc_mask.shape)} but the inputs are (batch, k, length) = {(batch, k, length)}: "
+                "it marks the document tokens of these very inputs (build both with prepare_reader_inputs)."
+            )
 
         def flat(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.reshape(batch * k, *x.shape[2:])
