@@ -212,8 +212,11 @@ def test_rerunning_an_output_dir_resumes_or_refuses_changed_arguments(recipe_bas
         _run("pretrain_factual", changed)
     with pytest.raises(ValueError, match=r"--tap_layers: '0,2,4' -> '0,4'"):
         _run("pretrain_factual", [*argv, "--tap_layers", "0,4"])
+    (output / "checkpoint-best").mkdir()  # the user's copy, not a Trainer checkpoint: --overwrite_output_dir keeps it
+    (output / "checkpoint-best" / "notes.txt").write_text("mine")
     trainer = _run("pretrain_factual", [*changed, "--overwrite_output_dir"])
     assert trainer.state.global_step == 2 and trainer.args.learning_rate == 1e-3
+    assert (output / "checkpoint-best" / "notes.txt").read_text() == "mine"
     assert json.loads((output / "run_arguments.json").read_text())["learning_rate"] == 1e-3
 
 

@@ -257,7 +257,9 @@ def _check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite
         logger.info("%s holds a run with the same arguments: resuming it from its last checkpoint.", folder)
     elif trained and overwrite and training_args.should_save:
         logger.warning("--overwrite_output_dir: deleting the checkpoints and results of the run in %s.", folder)
-        for item in [*folder.glob("checkpoint-*"), folder / "trainer_state.json", *folder.glob("*_results.json")]:
+        # Trainer's own checkpoint-<step> folders and result files only: a "checkpoint-best" copied there is not.
+        checkpoints = [Path(path) for _, path in _checkpoints(folder)]
+        for item in [*checkpoints, folder / "trainer_state.json", *folder.glob("*_results.json")]:
             if item.is_dir():
                 shutil.rmtree(item)
             else:
