@@ -145,7 +145,7 @@ def _open_temporary(path: Path) -> tuple[int, Path]:
             return handle, temp
         with contextlib.suppress(OSError):
             fcntl.flock(handle, fcntl.LOCK_EX)
-        if os.fstat(handle).st_nlink:
+        if os.path.lexists(temp):  # (not st_nlink: some network filesystems report 0 for linked files)
             return handle, temp
         os.close(handle)
 
