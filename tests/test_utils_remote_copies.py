@@ -21,6 +21,7 @@ COPIED = {
         "DamagedFileError", "_fault_point", "_fsync_dir", "atomic_write", "_open_temporary", "read_json", "safetensors_problem",
         "check_safetensors", "_flock", "_is_mechanism_entry", "_records", "_stagings", "_relative_files", "_matches",
         "_apply_record", "_temporaries", "_clean_stagings", "recover_folder", "reading_folder", "FolderCommit",
+        "reading_local",
     ],
     fingerprint: [
         "FingerprintDtypeError", "_native_and_views", "_as_bytes", "_segment_digests", "_digests",

@@ -765,8 +765,8 @@ def _read_tensors(files: list[str], keep=lambda key: True) -> dict[str, torch.Te
     return tensors
 
 
-def _local_folder(name_or_path: Any) -> contextlib.AbstractContextManager:
-    """reading_folder for a local folder (finish an interrupted save, then read under its lock); nothing for a Hub id."""
+def reading_local(name_or_path: str | os.PathLike | None) -> contextlib.AbstractContextManager:
+    """reading_folder for a local folder; nothing for a Hub repo id (the Hub cache is never written partially)."""
     if name_or_path is not None and os.path.isdir(name_or_path):
         return reading_folder(name_or_path)
     return contextlib.nullcontext()
@@ -1329,7 +1329,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         here. The adapter must have been trained on this model's base: hidden size and weights fingerprint are
         checked, and a mismatch raises KAdapterBaseMismatchError (pass check_base=False to override the latter).
         """
-        with _local_folder(pretrained_model_name_or_path):
+        with reading_local(pretrained_model_name_or_path):
             return self._load_adapter(pretrained_model_name_or_path, name, adapter_name, freeze, check_base, download_kwargs)
 
     def _load_adapter(self, pretrained_model_name_or_path, name, adapter_name, freeze, check_base, download_kwargs):
@@ -1473,7 +1473,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         A local folder is read after any interrupted save in it is finished, under its lock. Adapter, fusion and
         base tensors the checkpoint lacks are refused (never filled with random weights); a new task head is not.
         """
-        with _local_folder(pretrained_model_name_or_path):
+        with reading_local(pretrained_model_name_or_path):
             return cls._from_pretrained(pretrained_model_name_or_path, *model_args, base_model=base_model,
                                         check_base=check_base, **kwargs)  # fmt: skip
 

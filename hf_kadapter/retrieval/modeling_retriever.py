@@ -374,6 +374,13 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[None]:
         # A writer died between our recovery and our lock: recover again.
 
 
+def reading_local(name_or_path: str | os.PathLike | None) -> contextlib.AbstractContextManager:
+    """reading_folder for a local folder; nothing for a Hub repo id (the Hub cache is never written partially)."""
+    if name_or_path is not None and os.path.isdir(name_or_path):
+        return reading_folder(name_or_path)
+    return contextlib.nullcontext()
+
+
 class FolderCommit:
     """`with FolderCommit(folder, stale=patterns) as staging:` write the new version's files into `staging`; on a
     clean exit they replace the folder's files as one commit (see the module docstring).
@@ -639,7 +646,7 @@ class RetrieverEmbedderPreTrainedModel(PreTrainedModel):
         """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished, and a
         weights file cut short is named (DamagedFileError) rather than reported as "incomplete metadata"."""
         local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
-        with reading_folder(pretrained_model_name_or_path) if local else contextlib.nullcontext():
+        with reading_local(pretrained_model_name_or_path):
             for weights in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")) if local else ():
                 check_safetensors(weights)
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
