@@ -38,9 +38,10 @@ def card_of(fake_hub, repo_id: str):
 # ----- the remote-code files carry identical copies of the shared helpers -------------------------------------------
 @pytest.mark.parametrize("remote", [modeling_kadapter, modeling_retriever], ids=["kadapter", "retriever"])
 def test_remote_code_copies_are_identical(remote):
-    for name in ("is_hub_id", "hub_base_model", "model_card", "card_is_ours", "tag_model_card", "push_folder_to_hub"):
+    for name in ("is_hub_id", "hub_base_model", "model_card", "card_is_ours", "tag_model_card", "push_folder_to_hub",
+                 "pop_push_kwargs"):  # fmt: skip
         assert inspect.getsource(getattr(remote, name)) == inspect.getsource(getattr(hub, name)), name
-    assert remote.CARD_MARKER == hub.CARD_MARKER
+    assert remote.CARD_MARKER == hub.CARD_MARKER and remote.PUSH_KWARGS == hub.PUSH_KWARGS
     source = inspect.getsource(remote)
     assert "from hf_kadapter" not in source and "from .." not in source  # nothing but same-folder relative imports
     for name in ("_base_init_kwargs", "_bare_encoder"):
@@ -209,3 +210,32 @@ def test_retrieval_objects_round_trip(tmp_path, fake_hub):
     assert restored.retriever.embedder is restored.embedder
     with torch.no_grad():
         assert torch.allclose(restored(**masked).loss, realm.eval()(**masked).loss, atol=1e-6)
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_committed_folder(base_dirs, tmp_path, fake_hub):
+    """save_pretrained(folder, push_to_hub=True, repo_id=..., tags=...) saves the folder, then uploads what
+    push_to_hub uploads (card, table, retriever ...): not transformers' push of the commit's staging folder."""
+    tokenizer = char_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    encoder = BertModel(tiny_bert_config(), add_pooling_layer=False)
+    embedder = hk.RetrieverEmbedder.from_encoder(encoder, projection_dim=8).eval()
+    retriever = hk.RealmStyleRetriever(embedder, tokenizer)
+    corpus = Dataset.from_dict({key: [d[i] for d in DOCS] for i, key in enumerate(("id", "title", "text"))})
+    retriever.build_index(corpus, batch_size=2, max_length=32, progress=False)
+    mlm = BertForMaskedLM(tiny_bert_config()).eval()
+    corpus = [{"text": "paris is in france.", "mentions": [{"char_start": 0, "char_end": 5, "entity_id": "Q90"}]}]
+    table = hk.build_entity_table(mlm, tokenizer, corpus, entity_names={"Q90": "paris"}, progress=False)
+    models = {
+        "kadapter": (make_model(base_dirs["bert"]), "modeling_kadapter.py"),
+        "embedder": (embedder, "model.safetensors"),
+        "reader": (hk.OpenQAReader(encoder, span_hidden_size=8, max_span_width=3), "model.safetensors"),
+        "pelt": (hk.PELTModel(mlm, table), "entity_table/entity_table.safetensors"),
+        "realm": (hk.RealmKnowledgeAugmentedMLM(mlm, retriever, k=2), "retriever/index/embeddings.safetensors"),
+    }
+    for name, (model, companion) in models.items():
+        extra = {"base_model_id": "org/tiny-bert"} if name == "kadapter" else {}  # its base is a local folder
+        model.save_pretrained(tmp_path / name, push_to_hub=True, repo_id=f"me/{name}", tags=["mine"], **extra)
+        files = fake_hub.commits[-1]["files"]
+        assert "README.md" in files and companion in files and (tmp_path / name / companion).is_file(), name
+        assert not any(".staging-" in f for f in files), name
+        assert "mine" in card_of(fake_hub, f"me/{name}")[1]["tags"], name

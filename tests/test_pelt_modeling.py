@@ -166,6 +166,16 @@ def test_slot_embeddings_are_normalised_vectors_and_the_rest_word_embeddings(set
     torch.testing.assert_close(other[b, p], expected_vector(table, "Q142", 2.0))
 
 
+def test_a_table_of_another_width_is_named(setup):
+    """A table without fingerprint (or plugged with check=False) whose vectors do not fit the embeddings: the error
+    names the table, not a shape mismatch inside index_put."""
+    _, model, table, pelt, _ = setup
+    narrow = EntityLookupTable(table.entity_ids, table.sums[:, :8].clone(), table.counts.clone(), norm=NORM)
+    enc = pelt(TEXT, entities=MENTIONS, return_tensors="pt")
+    with pytest.raises(EntityTableMismatchError, match="8 dimensions but the word embeddings"):
+        pelt_inputs_embeds(model, narrow, enc["input_ids"], enc["entity_positions"], enc["entity_ids"])
+
+
 def test_ragged_lists_and_multiple_choice_shapes(setup):
     _, model, table, pelt, _ = setup
     enc = pelt([TEXT, PAIR_TEXT], entities=[MENTIONS, PAIR_MENTIONS[:1]], padding=True)

@@ -197,9 +197,13 @@ def test_rerunning_an_output_dir_resumes_or_refuses_changed_arguments(recipe_bas
     argv = _argv(recipe_base, output, "trex_train.json", "--save_strategy", "steps", "--save_steps", "2", steps=2)
     _run("pretrain_factual", argv)
     assert json.loads((output / "run_arguments.json").read_text())["learning_rate"] == 3e-3
+    results = json.loads((output / "all_results.json").read_text())
     capsys.readouterr()
     assert _run("pretrain_factual", argv).state.global_step == 2  # the same arguments: resumed (and finished)
-    assert "holds a run with the same arguments: resuming" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "holds a run with the same arguments: resuming" in printed and "had already trained to step 2" in printed
+    # the finished run's results stay (the resumed session trained nothing: its train_loss 0.0 is no result)
+    assert json.loads((output / "all_results.json").read_text()) == results and results["train_loss"] > 0
     changed = [*argv, "--learning_rate", "1e-3"]
     # Before: resumed the finished run, trained nothing and overwrote the results; with other taps it crashed.
     with pytest.raises(
@@ -208,8 +212,11 @@ def test_rerunning_an_output_dir_resumes_or_refuses_changed_arguments(recipe_bas
         _run("pretrain_factual", changed)
     with pytest.raises(ValueError, match=r"--tap_layers: '0,2,4' -> '0,4'"):
         _run("pretrain_factual", [*argv, "--tap_layers", "0,4"])
+    (output / "checkpoint-best").mkdir()  # the user's copy, not a Trainer checkpoint: --overwrite_output_dir keeps it
+    (output / "checkpoint-best" / "notes.txt").write_text("mine")
     trainer = _run("pretrain_factual", [*changed, "--overwrite_output_dir"])
     assert trainer.state.global_step == 2 and trainer.args.learning_rate == 1e-3
+    assert (output / "checkpoint-best" / "notes.txt").read_text() == "mine"
     assert json.loads((output / "run_arguments.json").read_text())["learning_rate"] == 1e-3
 
 

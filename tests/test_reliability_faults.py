@@ -424,20 +424,55 @@ def test_recovery_finishes_a_commit_whose_writer_died(tmp_path):
     assert contents() == [b"2", b"2"] and not leftovers(tmp_path)
 
 
+def test_an_exception_during_a_commit_leaves_the_old_or_the_new_version(tmp_path):
+    """Ctrl-C (or a full disk) inside the process, at every write boundary of a commit: once the record is written
+    its staged files must survive the exception, so the next reader finishes the commit instead of mixing versions."""
+    folder = tmp_path / "folder"
+    versions = {"old": {"a.json": b"old", "b.json": b"old", "c.json": b"old"}, "new": {"a.json": b"new", "b.json": b"new"}}
+
+    def save(version: str):
+        with shared_io.FolderCommit(folder, stale=("*.json",)) as staging:
+            for name, data in versions[version].items():
+                (staging / name).write_bytes(data)
+
+    save("old")
+    labels = boundaries(lambda: save("new"))
+    for n, label in enumerate(labels, start=1):
+        save("old")
+        count = iter(range(1, n + 1))
+
+        def interrupt(label, count=count, n=n):
+            if next(count, None) == n:
+                raise KeyboardInterrupt
+
+        with fault_hook(interrupt), pytest.raises(KeyboardInterrupt):
+            save("new")
+        with shared_io.reading_folder(folder):
+            contents = {p.name: p.read_bytes() for p in folder.glob("*.json")}
+        assert contents in list(versions.values()), (n, label, contents)
+        assert not leftovers(folder), (n, label)
+
+
 def test_commits_and_recovery_never_touch_foreign_files(tmp_path):
     foreign = {
         "checkpoint-1/model.safetensors": b"a Trainer checkpoint",  # matches a stale pattern, one level down
         "notes.json": b"{}",
         ".editor.tmp": b"someone else's temporary file",
         "model_card_draft.md": b"mine",
+        "model_backup.safetensors": b"mine too",  # looks like weights, but not a name save_pretrained writes
     }
     for relative, data in foreign.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_bytes(data)
-    for weights in ("model-00001-of-00002.safetensors", "model.safetensors"):
-        with shared_io.FolderCommit(tmp_path, stale=("model*.safetensors*",)) as staging:
-            (staging / weights).write_bytes(b"ours")
+    for weights in (("model-00001-of-00002.safetensors", "model.safetensors.index.json"), ("model.safetensors",)):
+        with shared_io.FolderCommit(tmp_path, stale=shared_io.WEIGHTS_PATTERNS) as staging:
+            for name in weights:
+                (staging / name).write_bytes(b"ours")
     recover_folder(tmp_path)
     assert {relative: (tmp_path / relative).read_bytes() for relative in foreign} == foreign
     assert not (tmp_path / "model-00001-of-00002.safetensors").exists()  # ours, stale once model.safetensors came
+    assert not (tmp_path / "model.safetensors.index.json").exists()
     assert (tmp_path / "model.safetensors").read_bytes() == b"ours" and leftovers(tmp_path) == [".editor.tmp"]
+    # and through a model's own save
+    OpenQAReader(BertModel(tiny_bert_config(), add_pooling_layer=False), span_hidden_size=8).save_pretrained(tmp_path)
+    assert {relative: (tmp_path / relative).read_bytes() for relative in foreign} == foreign

@@ -121,6 +121,9 @@ def test_reader_adds_retrieval_score_and_masks_missing_answers(tokenizer):
     assert rs.grad is not None and rs.grad[0].abs().sum() > 0 and rs.grad[1].abs().sum() == 0
     with pytest.raises(ValueError, match="no retrieved document"):
         reader(**inputs, retrieval_scores=rs, on_missing="raise")
+    shifted = {**inputs, "doc_mask": inputs["doc_mask"][..., 1:]}  # one token short: spans would shift silently
+    with pytest.raises(ValueError, match="doc_mask has shape"):
+        reader(**shifted)
 
 
 def test_training_makes_ask_answer(tokenizer, retriever):

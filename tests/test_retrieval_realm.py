@@ -307,6 +307,21 @@ def test_refresh_makes_no_collective_calls(tmp_path, monkeypatch):
     assert callback.refreshes == [(1, 2)] and retriever.index.ids == [d[0] for d in DOCS]
 
 
+def test_refresh_keeps_the_index_search_settings(tmp_path):
+    """A faiss index is refreshed into a faiss index of the same type and settings, not the default exact one."""
+    retriever, corpus = make_retriever(tmp_path)
+    retriever.build_index(corpus, batch_size=4, max_length=32, progress=False, backend="faiss", faiss_index="hnsw",
+                          ef_search=7)  # fmt: skip
+    callback = IndexRefreshCallback(retriever, corpus, every_n_steps=1, batch_size=4, max_length=32)
+    callback.start_refresh(1)
+    callback._thread.join()
+    before = retriever.index
+    callback._maybe_swap(2)
+    assert retriever.index is not before and callback.refreshes == [(1, 2)]
+    assert retriever.index.search_settings() == before.search_settings()
+    assert retriever.index.backend == "faiss" and retriever.index.faiss_index == "hnsw"
+
+
 def test_refresh_error_is_raised_on_training_thread(tmp_path):
     retriever, corpus = make_retriever(tmp_path)
     callback = IndexRefreshCallback(retriever, corpus.remove_columns("title").select([]), every_n_steps=1)

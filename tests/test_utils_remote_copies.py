@@ -18,9 +18,10 @@ import hf_kadapter.utils.io as shared_io
 
 COPIED = {
     shared_io: [
-        "DamagedFileError", "_fault_point", "_fsync_dir", "atomic_write", "_umask", "read_json", "safetensors_problem",
+        "DamagedFileError", "_fault_point", "_fsync_dir", "atomic_write", "_open_temporary", "read_json", "safetensors_problem",
         "check_safetensors", "_flock", "_is_mechanism_entry", "_records", "_stagings", "_relative_files", "_matches",
         "_apply_record", "_temporaries", "_clean_stagings", "recover_folder", "reading_folder", "FolderCommit",
+        "reading_local",
     ],
     fingerprint: [
         "FingerprintDtypeError", "_native_and_views", "_as_bytes", "_segment_digests", "_digests",
@@ -29,7 +30,7 @@ COPIED = {
     ],
 }  # fmt: skip
 CONSTANTS = {
-    shared_io: ["STAGING_PREFIX", "RECORD_PREFIX", "BUILD_LOCK_NAME", "MECHANISM_PATTERNS"],
+    shared_io: ["STAGING_PREFIX", "RECORD_PREFIX", "BUILD_LOCK_NAME", "MECHANISM_PATTERNS", "WEIGHTS_PATTERNS"],
     fingerprint: ["FINGERPRINT_VERSION", "_VIEW_DTYPES", "_SEGMENT", "_BLOCK"],
 }
 TARGETS = [

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -85,6 +86,16 @@ STAGING_PREFIX = ".staging-"
 RECORD_PREFIX = ".commit-"
 BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
 MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+# The weight files transformers' save_pretrained writes (one file or shards + index, variants included): the stale
+# patterns of a model folder. Narrow on purpose: a user's "model_backup.safetensors" beside them is not ours.
+WEIGHTS_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "model.*.safetensors",
+    "model.*-*-of-*.safetensors",
+    "model.safetensors.index.*.json",
+)
 _FAULT_HOOK: Callable[[str], None] | None = None
 
 
@@ -128,16 +139,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    handle, temp = _open_temporary(path)
     stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
     try:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_EX)
         yield stream
         stream.flush()
         os.fsync(stream.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file must be readable like any other
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
@@ -148,10 +155,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         stream.close()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _open_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path` (`.<name>-<8 hex digits>.tmp`, as _temporaries finds them), locked.
+
+    Created with mode 0o666 less the umask, as any file the user writes (mkstemp's files are 0600, and reading the
+    umask means setting it with os.umask, for every thread of the process at once). A file that a recovery took for
+    a dead writer's leftover between its creation and the lock is made again."""
+    while True:
+        temp = path.parent / f".{path.name}-{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is None:
+            return handle, temp
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if os.path.lexists(temp):  # (not st_nlink: some network filesystems report 0 for linked files)
+            return handle, temp
+        os.close(handle)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -310,8 +332,9 @@ def _apply_record(folder: Path, record_path: Path) -> None:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
-    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as _open_temporary, and before it
+    tempfile.mkstemp, names them) in `folder` and its direct subfolders (a build's partial/ for instance); other files
+    are never touched."""
     return sorted(
         p
         for pattern in (".*-????????.tmp", "*/.*-????????.tmp")
@@ -391,6 +414,7 @@ class FolderCommit:
         self.stale = tuple(stale)
         self.staging: Path | None = None
         self._lock: contextlib.ExitStack | None = None
+        self._record: Path | None = None
 
     def __enter__(self) -> Path:
         if self.folder.is_file():
@@ -410,7 +434,10 @@ class FolderCommit:
                 self._commit()
         finally:
             self._lock.close()
-            shutil.rmtree(self.staging, ignore_errors=True)
+            # Once its record is written the staging folder belongs to the record: an exception while applying it
+            # (Ctrl-C, a full disk) leaves both for the next reader to roll forward, never a record without its files.
+            if self._record is None or not self._record.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def _commit(self) -> None:
         staging, folder = self.staging, self.folder
@@ -435,12 +462,12 @@ class FolderCommit:
             new = set(files)
             delete = [p for p in _relative_files(folder) if p not in new and _matches(p, self.stale)]
             record = {"staging": staging.name, "files": files, "delete": delete}
-            name = f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            with atomic_write(folder / name) as stream:
+            self._record = folder / f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            with atomic_write(self._record) as stream:
                 json.dump(record, stream)
             _fsync_dir(folder)
             _fault_point("commit:recorded")
-            _apply_record(folder, folder / name)
+            _apply_record(folder, self._record)
 # the helpers of hf_kadapter/utils/fingerprint.py
 FINGERPRINT_VERSION = "fp2"
 _VIEW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -738,8 +765,8 @@ def _read_tensors(files: list[str], keep=lambda key: True) -> dict[str, torch.Te
     return tensors
 
 
-def _local_folder(name_or_path: Any) -> contextlib.AbstractContextManager:
-    """reading_folder for a local folder (finish an interrupted save, then read under its lock); nothing for a Hub id."""
+def reading_local(name_or_path: str | os.PathLike | None) -> contextlib.AbstractContextManager:
+    """reading_folder for a local folder; nothing for a Hub repo id (the Hub cache is never written partially)."""
     if name_or_path is not None and os.path.isdir(name_or_path):
         return reading_folder(name_or_path)
     return contextlib.nullcontext()
@@ -867,6 +894,18 @@ def push_folder_to_hub(
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
         )
+
+
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "tags", "base_model_id")
+
+
+def pop_push_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """`save_pretrained(folder, push_to_hub=True, repo_id=..., tags=...)`: take the upload's options out of the save's
+    keyword arguments (None unless push_to_hub). The caller commits its folder, then calls its own push_to_hub with
+    them: transformers' save_pretrained would upload the commit's staging folder, before the card and companions."""
+    push = kwargs.pop("push_to_hub", False)
+    options = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    return options if push else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1290,7 +1329,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         here. The adapter must have been trained on this model's base: hidden size and weights fingerprint are
         checked, and a mismatch raises KAdapterBaseMismatchError (pass check_base=False to override the latter).
         """
-        with _local_folder(pretrained_model_name_or_path):
+        with reading_local(pretrained_model_name_or_path):
             return self._load_adapter(pretrained_model_name_or_path, name, adapter_name, freeze, check_base, download_kwargs)
 
     def _load_adapter(self, pretrained_model_name_or_path, name, adapter_name, freeze, check_base, download_kwargs):
@@ -1434,7 +1473,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         A local folder is read after any interrupted save in it is finished, under its lock. Adapter, fusion and
         base tensors the checkpoint lacks are refused (never filled with random weights); a new task head is not.
         """
-        with _local_folder(pretrained_model_name_or_path):
+        with reading_local(pretrained_model_name_or_path):
             return cls._from_pretrained(pretrained_model_name_or_path, *model_args, base_model=base_model,
                                         check_base=check_base, **kwargs)  # fmt: skip
 
@@ -1560,20 +1599,8 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory} is a file; give a folder.")
-        push_kwargs = {
-            key: kwargs.pop(key)
-            for key in (
-                "repo_id",
-                "commit_message",
-                "private",
-                "token",
-                "revision",
-                "create_pr",
-                "tags",
-                "base_model_id",
-            )
-            if key in kwargs
-        }
+        kwargs["push_to_hub"] = push_to_hub
+        push = pop_push_kwargs(kwargs)
         if save_base is None:
             save_base = self.base_weights_trainable()
         if state_dict is None:
@@ -1583,7 +1610,7 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         if not is_main_process:
             return
         save_directory = Path(save_directory)
-        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+        with FolderCommit(save_directory, stale=WEIGHTS_PATTERNS) as staging:
             self.config.auto_map = dict(AUTO_MAP)
             super().save_pretrained(staging, state_dict=state_dict, is_main_process=True, **kwargs)
             here = Path(__file__).resolve().parent
@@ -1591,10 +1618,8 @@ class KAdapterPreTrainedModel(PreTrainedModel):
                 shutil.copyfile(here / source, staging / source)
             if card_is_ours(save_directory / "README.md"):
                 (staging / "README.md").write_text(self._model_card(save_base), encoding="utf-8")
-        if push_to_hub:
-            self.push_to_hub(
-                push_kwargs.pop("repo_id", None) or save_directory.name, save_base=save_base, **push_kwargs
-            )
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or save_directory.name, save_base=save_base, **push, **kwargs)
 
     def push_to_hub(
         self,

@@ -257,7 +257,9 @@ def _check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite
         logger.info("%s holds a run with the same arguments: resuming it from its last checkpoint.", folder)
     elif trained and overwrite and training_args.should_save:
         logger.warning("--overwrite_output_dir: deleting the checkpoints and results of the run in %s.", folder)
-        for item in [*folder.glob("checkpoint-*"), folder / "trainer_state.json", *folder.glob("*_results.json")]:
+        # Trainer's own checkpoint-<step> folders and result files only: a "checkpoint-best" copied there is not.
+        checkpoints = [Path(path) for _, path in _checkpoints(folder)]
+        for item in [*checkpoints, folder / "trainer_state.json", *folder.glob("*_results.json")]:
             if item.is_dir():
                 shutil.rmtree(item)
             else:
@@ -465,15 +467,27 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
                 )
         else:
             checkpoint = last_complete_checkpoint(training_args.output_dir, not training_args.save_only_model)
+        resumed_step = 0
         if checkpoint is not None:
             logger.info("Resuming from %s.", checkpoint)
+            resumed_step = int(read_json(Path(checkpoint) / TRAINER_STATE_NAME)["global_step"])
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
-        train_metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
         trainer.save_state()
-        metrics.update(train_metrics)
+        if checkpoint is not None and trainer.state.global_step == resumed_step:
+            # Resumed at its last step: nothing trained now, and this session's loss (0.0) and speed are no result.
+            logger.info(
+                "The run in %s had already trained to step %d: nothing more to train; its training results are kept.",
+                training_args.output_dir,
+                resumed_step,
+            )
+            previous = Path(training_args.output_dir) / "train_results.json"
+            metrics.update(read_json(previous) if previous.is_file() else {})
+        else:
+            train_metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in result.metrics.items()}
+            trainer.log_metrics("train", train_metrics)
+            trainer.save_metrics("train", train_metrics)
+            metrics.update(train_metrics)
     if training_args.do_eval and trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)

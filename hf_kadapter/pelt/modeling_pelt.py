@@ -19,8 +19,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, split_download_kwargs
-from ..utils.io import FolderCommit, reading_local
+from ..utils.hub import (
+    LIBRARY_NAME,
+    HubMixin,
+    card_is_ours,
+    is_hub_id,
+    model_card,
+    pop_push_kwargs,
+    split_download_kwargs,
+)
+from ..utils.io import WEIGHTS_PATTERNS, FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -32,7 +40,7 @@ from ..utils.modeling import (
     source_name,
 )
 from .configuration_pelt import TABLE_SUBFOLDER, PELTConfig
-from .table import EntityLookupTable
+from .table import EntityLookupTable, EntityTableMismatchError
 
 Slots = torch.Tensor | Sequence[Sequence[int]] | Sequence[int] | None
 
@@ -167,6 +175,12 @@ def pelt_inputs_embeds(
         raise ValueError(
             f"entity_ids {sorted(set(index[index >= size].tolist()))[:10]} are outside the table ({size} entities): "
             "they were produced with another table; build the PELTTokenizer from this one."
+        )
+    if table.hidden_size != embeds.shape[-1]:
+        raise EntityTableMismatchError(
+            f"The entity table's vectors have {table.hidden_size} dimensions but the word embeddings of "
+            f"{type(model).__name__} have {embeds.shape[-1]}: the table was built by another model. Build one for "
+            "this model with build_entity_table(model, tokenizer, corpus)."
         )
     vectors = table.vectors(index.cpu(), norm=norm).to(device=embeds.device, dtype=embeds.dtype)
     flat = embeds.reshape(-1, embeds.shape[-2], embeds.shape[-1])
@@ -307,20 +321,23 @@ class PELTModel(PELTPreTrainedModel):
             raise ValueError("This PELTModel has no entity table to save: plug one in with set_table(table) first.")
         if not kwargs.get("is_main_process", True):
             return
+        push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         # Weights, table and card as one folder commit (hf_kadapter.utils.io): never new weights beside an old table.
-        with FolderCommit(folder, stale=("model*.safetensors*", f"{TABLE_SUBFOLDER}/**")) as staging:
-            save_table = save_with_companion(
+        with FolderCommit(folder, stale=(*WEIGHTS_PATTERNS, f"{TABLE_SUBFOLDER}/**")) as staging:
+            with_table = save_with_companion(
                 lambda: super(PELTModel, self).save_pretrained(staging, **kwargs),
                 self.config,
                 "entity_table",
                 save_table,
                 "entity table",
             )
-            if save_table:
+            if with_table:
                 self.table.write_files(staging / TABLE_SUBFOLDER, folder / TABLE_SUBFOLDER)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or folder.name, save_table=save_table, **push, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -32,7 +32,7 @@ from ..utils.fingerprint import (
     fingerprint_tensors,
     tensors_match_fingerprint,
 )
-from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
+from ..utils.hub import DOWNLOAD_KWARGS, LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
 from ..utils.io import FolderCommit, load_safetensors, read_json, reading_local, safetensors_bytes
 from .lm_head import _is_kadapter, _unwrap, lm_head_tensors
 
@@ -43,7 +43,7 @@ TENSORS_NAME = "entity_table.safetensors"
 VOCAB_NAME = "entity_vocab.json"
 CONFIG_NAME = "entity_table_config.json"
 CARD_NAME = "README.md"
-_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+_DOWNLOAD_KWARGS = (*DOWNLOAD_KWARGS, "subfolder")
 ON_DUPLICATE = ("sum", "keep", "raise")
 REQUIRED_METADATA = ("model_fingerprint", "model_name_or_path", "hidden_size", "model_type", "max_occurrences", "seed")
 _TABLE_FILES = (CONFIG_NAME, VOCAB_NAME, TENSORS_NAME)

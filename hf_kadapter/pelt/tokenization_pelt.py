@@ -38,6 +38,7 @@ from typing import Any
 from transformers import AutoTokenizer, BatchEncoding
 from transformers.utils import TensorType, cached_file
 
+from ..utils.hub import DOWNLOAD_KWARGS
 from ..utils.io import FolderCommit, read_json, reading_local
 
 __all__ = ["AliasLinker", "OriginalTextEncoding", "PELTEncoding", "PELTTokenizer", "PELT_TOKENIZER_CONFIG_NAME"]
@@ -45,15 +46,7 @@ __all__ = ["AliasLinker", "OriginalTextEncoding", "PELTEncoding", "PELTTokenizer
 PELT_TOKENIZER_CONFIG_NAME = "pelt_tokenizer_config.json"
 _FORMAT_VERSION = 1
 _OPEN, _CLOSE = " (", " )"
-_DOWNLOAD_KWARGS = (
-    "cache_dir",
-    "force_download",
-    "proxies",
-    "token",
-    "revision",
-    "local_files_only",
-    "subfolder",
-)
+_DOWNLOAD_KWARGS = (*DOWNLOAD_KWARGS, "proxies", "subfolder")
 # Word-level units for the linker: runs of word characters, or single punctuation characters. Whitespace never
 # belongs to a unit, so a match always starts and ends at a word boundary.
 _WORD = re.compile(r"\w+|[^\w\s]")

@@ -54,6 +54,19 @@ DOCUMENTS_DIR = "documents"
 FORMAT_VERSION = 1
 # Files of ours that a new save may not write again (then they are deleted: stale faiss file, stale documents).
 _OWN_OPTIONAL = (FAISS_NAME, f"{DOCUMENTS_DIR}/**")
+# The search settings: constructor keywords, saved in the config, kept by an index rebuilt over new embeddings.
+SEARCH_SETTINGS = (
+    "backend",
+    "faiss_index",
+    "nlist",
+    "nprobe",
+    "M",
+    "ef_search",
+    "ef_construction",
+    "train_size",
+    "chunk_size",
+    "query_batch_size",
+)
 
 
 def check_finite_rows(vectors: torch.Tensor, what: str, names: Sequence[Any] | None = None) -> None:
@@ -441,19 +454,15 @@ class DocumentIndex(HubMixin):
         return torch.tensor(flat, dtype=torch.int64).reshape(keys.shape)
 
     # ----- persistence ---------------------------------------------------------------------------------------
+    def search_settings(self) -> dict[str, Any]:
+        """The constructor keywords that say how this index searches (backend, faiss type, nprobe ...): pass them
+        to a new DocumentIndex (or build_index) to search new embeddings the same way."""
+        return {key: getattr(self, key) for key in SEARCH_SETTINGS}
+
     def config_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
-            "backend": self.backend,
-            "faiss_index": self.faiss_index,
-            "nlist": self.nlist,
-            "nprobe": self.nprobe,
-            "M": self.M,
-            "ef_search": self.ef_search,
-            "ef_construction": self.ef_construction,
-            "train_size": self.train_size,
-            "chunk_size": self.chunk_size,
-            "query_batch_size": self.query_batch_size,
+            **self.search_settings(),
             "num_docs": len(self),
             "dim": self.dim,
             "next_key": self._next_key,
@@ -554,22 +563,7 @@ class DocumentIndex(HubMixin):
                 f"{tuple(embeddings.shape)} and keys {tuple(keys.shape)}: the files come from different saves. Save "
                 "or build the index again."
             )
-        settings = {
-            key: config[key]
-            for key in (
-                "backend",
-                "faiss_index",
-                "nlist",
-                "nprobe",
-                "M",
-                "ef_search",
-                "ef_construction",
-                "train_size",
-                "chunk_size",
-                "query_batch_size",
-            )
-            if key in config
-        }
+        settings = {key: config[key] for key in SEARCH_SETTINGS if key in config}
         settings.update(overrides)
         documents = settings.pop("documents", None)
         if documents is None and (folder / DOCUMENTS_DIR).is_dir():

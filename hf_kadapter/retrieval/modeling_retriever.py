@@ -22,6 +22,7 @@ import inspect
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -59,6 +60,16 @@ STAGING_PREFIX = ".staging-"
 RECORD_PREFIX = ".commit-"
 BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
 MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+# The weight files transformers' save_pretrained writes (one file or shards + index, variants included): the stale
+# patterns of a model folder. Narrow on purpose: a user's "model_backup.safetensors" beside them is not ours.
+WEIGHTS_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "model.*.safetensors",
+    "model.*-*-of-*.safetensors",
+    "model.safetensors.index.*.json",
+)
 _FAULT_HOOK: Callable[[str], None] | None = None
 
 
@@ -102,16 +113,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    handle, temp = _open_temporary(path)
     stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
     try:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_EX)
         yield stream
         stream.flush()
         os.fsync(stream.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file must be readable like any other
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
@@ -122,10 +129,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         stream.close()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _open_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path` (`.<name>-<8 hex digits>.tmp`, as _temporaries finds them), locked.
+
+    Created with mode 0o666 less the umask, as any file the user writes (mkstemp's files are 0600, and reading the
+    umask means setting it with os.umask, for every thread of the process at once). A file that a recovery took for
+    a dead writer's leftover between its creation and the lock is made again."""
+    while True:
+        temp = path.parent / f".{path.name}-{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is None:
+            return handle, temp
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if os.path.lexists(temp):  # (not st_nlink: some network filesystems report 0 for linked files)
+            return handle, temp
+        os.close(handle)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -284,8 +306,9 @@ def _apply_record(folder: Path, record_path: Path) -> None:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
-    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as _open_temporary, and before it
+    tempfile.mkstemp, names them) in `folder` and its direct subfolders (a build's partial/ for instance); other files
+    are never touched."""
     return sorted(
         p
         for pattern in (".*-????????.tmp", "*/.*-????????.tmp")
@@ -351,6 +374,13 @@ def reading_folder(folder: str | os.PathLike) -> Iterator[None]:
         # A writer died between our recovery and our lock: recover again.
 
 
+def reading_local(name_or_path: str | os.PathLike | None) -> contextlib.AbstractContextManager:
+    """reading_folder for a local folder; nothing for a Hub repo id (the Hub cache is never written partially)."""
+    if name_or_path is not None and os.path.isdir(name_or_path):
+        return reading_folder(name_or_path)
+    return contextlib.nullcontext()
+
+
 class FolderCommit:
     """`with FolderCommit(folder, stale=patterns) as staging:` write the new version's files into `staging`; on a
     clean exit they replace the folder's files as one commit (see the module docstring).
@@ -365,6 +395,7 @@ class FolderCommit:
         self.stale = tuple(stale)
         self.staging: Path | None = None
         self._lock: contextlib.ExitStack | None = None
+        self._record: Path | None = None
 
     def __enter__(self) -> Path:
         if self.folder.is_file():
@@ -384,7 +415,10 @@ class FolderCommit:
                 self._commit()
         finally:
             self._lock.close()
-            shutil.rmtree(self.staging, ignore_errors=True)
+            # Once its record is written the staging folder belongs to the record: an exception while applying it
+            # (Ctrl-C, a full disk) leaves both for the next reader to roll forward, never a record without its files.
+            if self._record is None or not self._record.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def _commit(self) -> None:
         staging, folder = self.staging, self.folder
@@ -409,12 +443,12 @@ class FolderCommit:
             new = set(files)
             delete = [p for p in _relative_files(folder) if p not in new and _matches(p, self.stale)]
             record = {"staging": staging.name, "files": files, "delete": delete}
-            name = f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            with atomic_write(folder / name) as stream:
+            self._record = folder / f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            with atomic_write(self._record) as stream:
                 json.dump(record, stream)
             _fsync_dir(folder)
             _fault_point("commit:recorded")
-            _apply_record(folder, folder / name)
+            _apply_record(folder, self._record)
 
 
 # --- private copies of hf_kadapter.utils (end) ---
@@ -525,6 +559,18 @@ def push_folder_to_hub(
         )
 
 
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "tags", "base_model_id")
+
+
+def pop_push_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """`save_pretrained(folder, push_to_hub=True, repo_id=..., tags=...)`: take the upload's options out of the save's
+    keyword arguments (None unless push_to_hub). The caller commits its folder, then calls its own push_to_hub with
+    them: transformers' save_pretrained would upload the commit's staging folder, before the card and companions."""
+    push = kwargs.pop("push_to_hub", False)
+    options = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    return options if push else None
+
+
 @dataclass
 class RetrieverEmbedderOutput(ModelOutput):
     """query_embeddings `[Bq, D]` and/or document_embeddings `[Bd, D]`; scores `[Bq, Bd]` when both are given."""
@@ -600,7 +646,7 @@ class RetrieverEmbedderPreTrainedModel(PreTrainedModel):
         """transformers' from_pretrained; a local folder is read after any interrupted save in it is finished, and a
         weights file cut short is named (DamagedFileError) rather than reported as "incomplete metadata"."""
         local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
-        with reading_folder(pretrained_model_name_or_path) if local else contextlib.nullcontext():
+        with reading_local(pretrained_model_name_or_path):
             for weights in sorted(Path(pretrained_model_name_or_path).glob("*.safetensors")) if local else ():
                 check_safetensors(weights)
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
@@ -728,18 +774,18 @@ class RetrieverEmbedder(RetrieverEmbedderPreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """transformers' save (safetensors, config with auto_map, this code as remote code) plus a model card, as one
         folder commit: a kill never leaves new weights beside an old config; other files in the folder are kept.
-        With `push_to_hub=True` the saved folder is then uploaded (`repo_id` ... as push_to_hub)."""
+        With `push_to_hub=True` the saved folder is then uploaded (`repo_id`, `tags`, `base_model_id` ... as
+        push_to_hub)."""
         if not kwargs.get("is_main_process", True):
             return
-        push = kwargs.pop("push_to_hub", False)
-        push_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "private", "token") if key in kwargs}
+        push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
-        with FolderCommit(folder, stale=("model*.safetensors*",)) as staging:
+        with FolderCommit(folder, stale=WEIGHTS_PATTERNS) as staging:
             super().save_pretrained(staging, **kwargs)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
-        if push:
-            self.push_to_hub(push_kwargs.pop("repo_id", None) or folder.name, **push_kwargs)
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or folder.name, **push, **kwargs)
 
     def push_to_hub(
         self,

@@ -24,8 +24,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card
-from ..utils.io import FolderCommit, reading_local
+from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, is_hub_id, model_card, pop_push_kwargs
+from ..utils.io import WEIGHTS_PATTERNS, FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -141,10 +141,13 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         commit (hf_kadapter.utils.io): a kill never leaves new weights beside an old config."""
         if not kwargs.get("is_main_process", True):
             return
-        with FolderCommit(save_directory, stale=("model*.safetensors*",)) as staging:
+        push = pop_push_kwargs(kwargs)
+        with FolderCommit(save_directory, stale=WEIGHTS_PATTERNS) as staging:
             super().save_pretrained(staging, **kwargs)
             if card_is_ours(Path(save_directory) / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or Path(save_directory).name, **push, **kwargs)
 
     def _hub_base(self) -> str | None:
         return self.config.encoder_name_or_path
@@ -221,6 +224,11 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         if reference is None or doc_mask is None:
             raise ValueError("OpenQAReader needs input_ids (or inputs_embeds) and doc_mask")
         batch, k, length = reference.shape[:3]
+        if tuple(doc_mask.shape) != (batch, k, length):
+            raise ValueError(
+                f"doc_mask has shape {tuple(doc_mask.shape)} but the inputs are (batch, k, length) = {(batch, k, length)}: "
+                "it marks the document tokens of these very inputs (build both with prepare_reader_inputs)."
+            )
 
         def flat(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.reshape(batch * k, *x.shape[2:])

@@ -35,10 +35,11 @@ from ..utils.hub import (
     card_is_ours,
     is_hub_id,
     model_card,
+    pop_push_kwargs,
     resolve_folder,
     split_download_kwargs,
 )
-from ..utils.io import FolderCommit, reading_local
+from ..utils.io import WEIGHTS_PATTERNS, FolderCommit, reading_local
 from ..utils.modeling import (
     build_inner_model,
     config_property,
@@ -501,20 +502,23 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
             raise ValueError("This model has no retriever to save: attach one with set_retriever(retriever) first.")
         if not kwargs.get("is_main_process", True):
             return
+        push = pop_push_kwargs(kwargs)
         folder = Path(save_directory)
         # Weights, retriever and card as one folder commit (hf_kadapter.utils.io).
-        with FolderCommit(folder, stale=("model*.safetensors*", f"{RETRIEVER_SUBFOLDER}/**")) as staging:
-            save_retriever = save_with_companion(
+        with FolderCommit(folder, stale=(*WEIGHTS_PATTERNS, f"{RETRIEVER_SUBFOLDER}/**")) as staging:
+            with_retriever = save_with_companion(
                 lambda: super(RealmKnowledgeAugmentedMLM, self).save_pretrained(staging, **kwargs),
                 self.config,
                 "retriever",
                 save_retriever,
                 "retriever",
             )
-            if save_retriever:
+            if with_retriever:
                 self.retriever.save_pretrained(staging / RETRIEVER_SUBFOLDER, save_embedder=False)
             if card_is_ours(folder / "README.md"):
                 (staging / "README.md").write_text(self._model_card(), encoding="utf-8")
+        if push is not None:
+            self.push_to_hub(push.pop("repo_id", None) or folder.name, save_retriever=save_retriever, **push, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -626,7 +630,7 @@ class IndexRefreshCallback(TrainerCallback):
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _work(self, worker: Any) -> None:
+    def _work(self, worker: Any, settings: dict[str, Any]) -> None:
         try:
             self._result = worker.build_index(
                 self.dataset,
@@ -635,6 +639,7 @@ class IndexRefreshCallback(TrainerCallback):
                 progress=False,
                 set_index=False,
                 distributed=False,
+                **settings,
             )
         except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
             self.error = error
@@ -646,8 +651,13 @@ class IndexRefreshCallback(TrainerCallback):
         # The worker gets its own tokenizer copy: fast tokenizers keep padding/truncation state, so sharing one with
         # the training thread would race.
         worker = type(self.retriever)(snapshot, copy.deepcopy(self.retriever.tokenizer))
+        # The new index searches as the current one does (a faiss index stays a faiss index of the same type).
+        index = self.retriever.index
+        settings = index.search_settings() if index is not None else {}
         self._result, self._started_at = None, step
-        self._thread = threading.Thread(target=self._work, args=(worker,), name="realm-index-refresh", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(worker, settings), name="realm-index-refresh", daemon=True
+        )
         self._thread.start()
 
     def _maybe_swap(self, step: int) -> None:

@@ -12,7 +12,7 @@ commit; the artefacts keep their own savers and share this resolution layer inst
 
 The remote-code files (`kadapter/modeling_kadapter.py`, `retrieval/modeling_retriever.py`) cannot import the
 package: they carry private copies of `is_hub_id`, `hub_base_model`, `model_card`, `card_is_ours`,
-`tag_model_card` and `push_folder_to_hub`, which tests/test_hub.py keeps identical to the ones here.
+`tag_model_card`, `push_folder_to_hub` and `pop_push_kwargs`, which tests/test_hub.py keeps identical to the ones here.
 """
 
 from __future__ import annotations
@@ -159,6 +159,18 @@ def push_folder_to_hub(
         )
 
 
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "revision", "create_pr", "tags", "base_model_id")
+
+
+def pop_push_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """`save_pretrained(folder, push_to_hub=True, repo_id=..., tags=...)`: take the upload's options out of the save's
+    keyword arguments (None unless push_to_hub). The caller commits its folder, then calls its own push_to_hub with
+    them: transformers' save_pretrained would upload the commit's staging folder, before the card and companions."""
+    push = kwargs.pop("push_to_hub", False)
+    options = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+    return options if push else None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # push_to_hub for the package's own objects
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,11 +238,13 @@ __all__ = [
     "CARD_MARKER",
     "DOWNLOAD_KWARGS",
     "LIBRARY_NAME",
+    "PUSH_KWARGS",
     "HubMixin",
     "card_is_ours",
     "hub_base_model",
     "is_hub_id",
     "model_card",
+    "pop_push_kwargs",
     "push_folder_to_hub",
     "resolve_folder",
     "save_model_card",

@@ -22,8 +22,9 @@ Locks are `flock`s on the folders' own descriptors (no lock files); where lockin
 folder such as the Hub cache, where nothing is ever written partially, or a filesystem without flock) reading goes
 ahead without one. Single files are written with `atomic_write` (temporary file + fsync + os.replace).
 
-(hf_kadapter/kadapter/modeling_kadapter.py keeps private copies of the helpers it needs: it is shipped as remote
-code and may import nothing from this package; a test keeps the copies identical.)
+(hf_kadapter/kadapter/modeling_kadapter.py and hf_kadapter/retrieval/modeling_retriever.py keep private copies of the
+helpers they need: they are shipped as remote code and may import nothing from this package; a test keeps the copies
+identical.)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -57,6 +59,16 @@ RECORD_PREFIX = ".commit-"
 BUILD_LOCK_NAME = ".hf_kadapter-build.lock"
 # Hidden entries of the mechanism itself: never listed as an artefact's files, never uploaded.
 MECHANISM_PATTERNS = (STAGING_PREFIX + "*", RECORD_PREFIX + "*", BUILD_LOCK_NAME, ".*.tmp")
+# The weight files transformers' save_pretrained writes (one file or shards + index, variants included): the stale
+# patterns of a model folder. Narrow on purpose: a user's "model_backup.safetensors" beside them is not ours.
+WEIGHTS_PATTERNS = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "model.*.safetensors",
+    "model.*-*-of-*.safetensors",
+    "model.safetensors.index.*.json",
+)
 
 # Tests set this to a callable(label) to kill or interrupt a job at a chosen write boundary.
 _FAULT_HOOK: Callable[[str], None] | None = None
@@ -105,16 +117,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     recover_folder can tell the leftovers of a killed writer (deleted) from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    handle, temp = _open_temporary(path)
     stream = os.fdopen(handle, mode, encoding=None if "b" in mode else encoding)
     try:
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_EX)
         yield stream
         stream.flush()
         os.fsync(stream.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved file must be readable like any other
         _fault_point("atomic_write:written")
         os.replace(temp, path)
         _fault_point("atomic_write:replaced")
@@ -125,10 +133,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         stream.close()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _open_temporary(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside `path` (`.<name>-<8 hex digits>.tmp`, as _temporaries finds them), locked.
+
+    Created with mode 0o666 less the umask, as any file the user writes (mkstemp's files are 0600, and reading the
+    umask means setting it with os.umask, for every thread of the process at once). A file that a recovery took for
+    a dead writer's leftover between its creation and the lock is made again."""
+    while True:
+        temp = path.parent / f".{path.name}-{secrets.token_hex(4)}.tmp"
+        try:
+            handle = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is None:
+            return handle, temp
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        if os.path.lexists(temp):  # (not st_nlink: some network filesystems report 0 for linked files)
+            return handle, temp
+        os.close(handle)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_kwargs: Any) -> None:
@@ -290,8 +313,9 @@ def _stagings(folder: Path) -> list[Path]:
 
 
 def _temporaries(folder: Path) -> list[Path]:
-    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as tempfile.mkstemp names them) in
-    `folder` and its direct subfolders (a build's partial/ for instance); other files are never touched."""
+    """atomic_write's temporary files (`.<name>-<8 random characters>.tmp`, as _open_temporary, and before it
+    tempfile.mkstemp, names them) in `folder` and its direct subfolders (a build's partial/ for instance); other files
+    are never touched."""
     return sorted(
         p
         for pattern in (".*-????????.tmp", "*/.*-????????.tmp")
@@ -439,6 +463,7 @@ class FolderCommit:
         self.stale = tuple(stale)
         self.staging: Path | None = None
         self._lock: contextlib.ExitStack | None = None
+        self._record: Path | None = None
 
     def __enter__(self) -> Path:
         if self.folder.is_file():
@@ -458,7 +483,10 @@ class FolderCommit:
                 self._commit()
         finally:
             self._lock.close()
-            shutil.rmtree(self.staging, ignore_errors=True)
+            # Once its record is written the staging folder belongs to the record: an exception while applying it
+            # (Ctrl-C, a full disk) leaves both for the next reader to roll forward, never a record without its files.
+            if self._record is None or not self._record.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def _commit(self) -> None:
         staging, folder = self.staging, self.folder
@@ -483,12 +511,12 @@ class FolderCommit:
             new = set(files)
             delete = [p for p in _relative_files(folder) if p not in new and _matches(p, self.stale)]
             record = {"staging": staging.name, "files": files, "delete": delete}
-            name = f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            with atomic_write(folder / name) as stream:
+            self._record = folder / f"{RECORD_PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            with atomic_write(self._record) as stream:
                 json.dump(record, stream)
             _fsync_dir(folder)
             _fault_point("commit:recorded")
-            _apply_record(folder, folder / name)
+            _apply_record(folder, self._record)
 
 
 __all__ = [
@@ -496,6 +524,7 @@ __all__ = [
     "DamagedFileError",
     "FolderCommit",
     "MECHANISM_PATTERNS",
+    "WEIGHTS_PATTERNS",
     "atomic_write",
     "build_lock",
     "check_safetensors",
