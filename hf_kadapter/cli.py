@@ -5,6 +5,8 @@
     hf-kadapter build-index --encoder E --corpus docs.jsonl --output-dir retriever
     hf-kadapter build-cache --model kadapter-folder --task factual --data trex.json --output-dir cache
     hf-kadapter build-suite                        # rebuild the WordNet suite from /usr/share/wordnet
+    hf-kadapter convert-kadapter pytorch_model.bin --base roberta-large --output_dir fac-adapter
+    hf-kadapter convert-realm embedder google-realm-embedder-folder realm-embedder
 
 Each long job shows progress bars and resumes after an interruption (rerun the same command); each takes the same
 options as its Python function.
@@ -194,7 +196,7 @@ def _add_build_index(subparsers: Any) -> None:
     source.add_argument("--embedder", help="a saved RetrieverEmbedder (Hub id or folder)")
     source.add_argument("--encoder", help="a BERT-like encoder to wrap with RetrieverEmbedder.from_encoder")
     parser.add_argument("--projection-dim", type=int, default=128)
-    parser.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    parser.add_argument("--pooling", default="cls", choices=("cls", "mean", "pooler"))
     parser.add_argument("--corpus", required=True, help='JSON Lines of {"id", "title", "text"}')
     parser.add_argument("--output-dir", required=True, help="the retriever folder (embeddings are resumed from it)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -281,16 +283,48 @@ def _build_cache(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# convert-kadapter / convert-realm: the converters' own command lines
+# ---------------------------------------------------------------------------------------------------------------
+CONVERTERS = {
+    "convert-kadapter": (
+        "hf_kadapter.kadapter.convert_original",
+        "Convert an official K-Adapter fac-/lin-adapter checkpoint (pytorch_model.bin) to an hf_kadapter model.",
+    ),
+    "convert-realm": (
+        "hf_kadapter.retrieval.convert_realm_v4",
+        "Convert a transformers-v4 REALM embedder / reader / encoder checkpoint to this package's classes.",
+    ),
+}
+
+
+def _add_converters(subparsers: Any) -> None:
+    for name, (module, summary) in CONVERTERS.items():
+        parser = subparsers.add_parser(name, help=summary, description=summary, add_help=False)
+        parser.add_argument("args", nargs=argparse.REMAINDER, help="the converter's arguments (see --help)")
+        parser.set_defaults(handler=lambda args, module=module: _convert(module, args.args))
+
+
+def _convert(module: str, argv: list[str]) -> int:
+    import importlib
+
+    importlib.import_module(module).main(argv)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show the package's info logs")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add in (_add_bench, _add_build_suite, _add_build_table, _add_build_index, _add_build_cache):
+    for add in (_add_bench, _add_build_suite, _add_build_table, _add_build_index, _add_build_cache, _add_converters):
         add(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CONVERTERS:  # the converters parse their own arguments (--help included)
+        return _convert(CONVERTERS[argv[0]][0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):

@@ -25,10 +25,18 @@ def test_every_command_has_help(command, capsys):
     assert "--output-dir" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["convert-kadapter", "convert-realm"])
+def test_converters_are_commands_with_their_own_help(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert "output_dir" in capsys.readouterr().out
+
+
 def test_no_command_prints_the_commands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    assert all(command in out for command in COMMANDS)
+    assert all(command in out for command in (*COMMANDS, "convert-kadapter", "convert-realm"))
 
 
 @pytest.mark.parametrize(

@@ -244,15 +244,28 @@ def encode_frozen(model: torch.nn.Module, rows: list[dict[str, Any]], collate: C
     return torch.cat(parts)
 
 
-def quiet_transformers() -> None:
-    """The benchmark prints its own progress; transformers' per-run banners would drown it."""
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """The benchmark prints its own progress: transformers' per-run banners and datasets' bars would drown it. The
+    caller's settings come back afterwards."""
     import datasets  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
+    package = logging.getLogger("hf_kadapter")
+    saved = (transformers.logging.get_verbosity(), datasets.logging.get_verbosity(),
+             datasets.is_progress_bar_enabled(), package.level)  # fmt: skip
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    logging.getLogger("hf_kadapter").setLevel(logging.WARNING)
+    package.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(saved[0])
+        datasets.logging.set_verbosity(saved[1])
+        if saved[2]:
+            datasets.enable_progress_bars()
+        package.setLevel(saved[3])
 
 
 __all__ = [

@@ -144,7 +144,6 @@ def run_benchmark(
     mlm = resolve(mlm, "mlm") if {"pelt", "realm", "composed"} & set(methods) else (mlm or "")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    quiet_transformers()
     started = time.perf_counter()
     suite_dir = Path(suite_dir)
     results: dict[str, Any] = {
@@ -167,15 +166,16 @@ def run_benchmark(
         "methods": {},
         "wall_seconds": {},
     }
-    for method in methods:
-        settings = settings_for(method, mode, seed_list, encoder, mlm, eval_split, overrides or {})
-        results["settings"][method] = dataclasses.asdict(settings)
-        progress(f"[{method}] {mode} mode, seeds {seed_list}")
-        began = time.perf_counter()
-        result = RUNNERS[method](settings, suite_dir, output / "work" / method, progress=progress)
-        results["methods"][method] = result.to_json(replicates=replicates)
-        results["wall_seconds"][method] = round(time.perf_counter() - began, 1)
-        progress(f"[{method}] done in {results['wall_seconds'][method]:.0f} s")
+    with quiet_transformers():
+        for method in methods:
+            settings = settings_for(method, mode, seed_list, encoder, mlm, eval_split, overrides or {})
+            results["settings"][method] = dataclasses.asdict(settings)
+            progress(f"[{method}] {mode} mode, seeds {seed_list}")
+            began = time.perf_counter()
+            result = RUNNERS[method](settings, suite_dir, output / "work" / method, progress=progress)
+            results["methods"][method] = result.to_json(replicates=replicates)
+            results["wall_seconds"][method] = round(time.perf_counter() - began, 1)
+            progress(f"[{method}] done in {results['wall_seconds'][method]:.0f} s")
     results["wall_seconds"]["total"] = round(time.perf_counter() - started, 1)
     write_json_atomic(output / "results.json", results)
     (output / "results.md").write_text(markdown(results) + "\n", encoding="utf-8")
