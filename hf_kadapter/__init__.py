@@ -163,6 +163,8 @@ _LAZY = {
     # Converters from the original projects' checkpoints: imported on first use, so that their command lines
     # (`python -m hf_kadapter.kadapter.convert_original ...`) do not import their own module twice.
     "hf_kadapter.kadapter.convert_original": ("convert_kadapter_original",),
+    # The knowledge benchmark: imported on first use (it loads the packaged suite and plotting only when run).
+    "hf_kadapter.bench": ("load_wordnet_suite", "run_benchmark"),
     "hf_kadapter.retrieval.convert_realm_v4": (
         "convert_realm_v4_embedder",
         "convert_realm_v4_encoder",

@@ -49,7 +49,7 @@ def test_smoke_benchmark_runs_end_to_end_and_resumes(tmp_path):
     assert results["models"]["encoder"].endswith("model") and results["models"]["mlm"].endswith("model")
     assert results["data"]["checksum"].startswith("sha256:")
     assert results["machine"]["versions"]["torch"] and results["machine"]["cpu_count"]
-    assert set(results["methods"]) == {"kadapter", "pelt", "realm"}
+    assert set(results["methods"]) == {"kadapter", "pelt", "realm", "composed"}
     for method, result in results["methods"].items():
         assert results["wall_seconds"][method] > 0 and result["phases_seconds"]
         for metric, by_condition in result["metrics"].items():
@@ -62,6 +62,9 @@ def test_smoke_benchmark_runs_end_to_end_and_resumes(tmp_path):
     assert set(kadapter["coarse_accuracy"]) == {"head_only", "fresh_adapter", "pretrained_adapter", "shuffled_adapter"}
     assert set(results["methods"]["pelt"]["metrics"]["coarse_accuracy"]) == {
         "name_only", "mask_slot", "shuffled_table", "pelt_slot"
+    }  # fmt: skip
+    assert set(results["methods"]["composed"]["metrics"]["coarse_accuracy"]) == {
+        "kadapter", "kadapter_shuffled_table", "kadapter_pelt"
     }  # fmt: skip
     realm = results["methods"]["realm"]["metrics"]
     assert set(realm["statement_recall@5"]) == {"untrained", "refreshed", "stale"}

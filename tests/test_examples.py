@@ -71,7 +71,7 @@ def test_readme_cpu_install_gets_the_cpu_build_of_the_pinned_torch():
     readme = (ROOT / "README.md").read_text()
     pinned = next(line for line in (ROOT / "constraints-cpu.txt").read_text().splitlines() if line.startswith("torch"))
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-    install = next(block for block in blocks if "-c constraints-cpu.txt -e ." in block)
+    install = next(block for block in blocks if "-c constraints-cpu.txt -e " in block)
     torch_line = next(line for line in install.splitlines() if line.startswith("pip install torch"))
     assert pinned in torch_line.split() and "https://download.pytorch.org/whl/cpu" in torch_line
-    assert install.index(torch_line) < install.index("-e .")
+    assert install.index(torch_line) < install.index("-c constraints-cpu.txt -e ")
