@@ -289,33 +289,6 @@ def test_index_refresh_callback_during_trainer_run(tmp_path):
     assert out.scores.shape == (1, 2)
 
 
-def test_refresh_makes_no_collective_calls(tmp_path, monkeypatch):
-    import hf_kadapter.retrieval.retriever as retriever_module
-
-    retriever, corpus = make_retriever(tmp_path)
-    monkeypatch.setattr(retriever_module, "_distributed", lambda: (0, 2))  # as if under DDP
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("collective call from the refresh thread")
-
-    monkeypatch.setattr(torch.distributed, "all_gather_object", forbidden)
-    monkeypatch.setattr(torch.distributed, "barrier", forbidden)
-    callback = IndexRefreshCallback(retriever, corpus, every_n_steps=1, batch_size=4, max_length=32)
-    callback.start_refresh(1)
-    callback._thread.join()
-    callback._maybe_swap(2)
-    assert callback.refreshes == [(1, 2)] and retriever.index.ids == [d[0] for d in DOCS]
-
-
-def test_refresh_error_is_raised_on_training_thread(tmp_path):
-    retriever, corpus = make_retriever(tmp_path)
-    callback = IndexRefreshCallback(retriever, corpus.remove_columns("title").select([]), every_n_steps=1)
-    callback.start_refresh(1)
-    callback._thread.join()
-    with pytest.raises(RuntimeError, match="background index refresh failed"):
-        callback._maybe_swap(2)
-
-
 # ----- knowledge-augmented MLM -------------------------------------------------------------------------------------
 
 

@@ -676,14 +676,18 @@ class DocumentIndex(HubMixin):
         blocks: Iterable[tuple[Sequence[str], torch.Tensor]],
         *,
         documents: Any = None,
+        embedder_fingerprint: str | None = None,
         **settings: Any,
     ) -> DocumentIndex:
         """Write an index folder from `blocks` of (ids, embeddings [n, D]) without ever holding them all (the
         embeddings go straight to disk; for faiss, the index is built from the memory-mapped file and saved
-        beside it), as one folder commit; returns the index, memory-mapped from the folder."""
+        beside it), as one folder commit; returns the index, memory-mapped from the folder. `settings` are
+        DocumentIndex's (backend, faiss_index, nlist, ...)."""
         folder = Path(save_directory)
         with FolderCommit(folder, stale=_OWN_OPTIONAL) as staging:
-            index = cls._write_streaming(staging, blocks, documents=documents, settings=settings)
+            index = cls._write_streaming(
+                staging, blocks, documents=documents, settings=settings, embedder_fingerprint=embedder_fingerprint
+            )
             index._write_rest(staging, save_documents=True, final_directory=folder)
         return index  # its memory map follows the file into the folder (a rename keeps it valid)
 
@@ -698,6 +702,9 @@ class DocumentIndex(HubMixin):
     ) -> DocumentIndex:
         """embeddings.safetensors in `folder` from the blocks, and the index over its memory map (the other files
         are written by _write_rest). Ids are checked (strings, unique), embeddings checked block by block."""
+        unknown = sorted(set(settings or {}) - set(SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown DocumentIndex settings {unknown}; the settings are {SETTINGS}.")
         folder.mkdir(parents=True, exist_ok=True)
         table = IdTable()
         dim = None

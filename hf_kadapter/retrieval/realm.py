@@ -7,17 +7,15 @@
 - `ict_examples` / `ict_loss`: the inverse cloze task warm start.
 - `RealmKnowledgeAugmentedMLM`: a masked LM reading [query ; retrieved document] for each of the top-k documents,
   trained with -realm_marginal_log_likelihood (gradients reach both the reader and the query/document encoders).
-- `IndexRefreshCallback`: re-embeds the corpus in a background thread with a snapshot of the embedder every N steps
-  while training goes on, and swaps the new index in at a step boundary.
+- `IndexRefreshCallback` (refresh.py, re-exported here): re-embeds the retriever's current corpus beside training with
+  a snapshot of the embedder every N steps and swaps the new index in at a step fixed in advance.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..utils.hub import (
@@ -48,6 +46,7 @@ from ..utils.modeling import (
     source_name,
 )
 from .configuration_realm import RETRIEVER_SUBFOLDER, RealmKnowledgeAugmentedMLMConfig
+from .refresh import IndexRefreshCallback
 
 __all__ = [
     "IndexRefreshCallback",
@@ -574,102 +573,3 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
                 "retriever = model.retriever"
             ),
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Asynchronous index refresh
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class IndexRefreshCallback(TrainerCallback):
-    """Every `every_n_steps` optimiser steps, snapshot the retriever's embedder (a deep copy on `device`, default
-    CPU, in eval mode) and re-embed `dataset` with it in a background thread while training continues. When the
-    new index is ready it is swapped into `retriever.index` at the next step boundary (on_step_end), so a step never
-    sees half an index. At most one refresh runs at a time (a due refresh is skipped while one is in flight, as in
-    REALM where the index job runs continuously). On train end, a running refresh is waited for and swapped in
-    (`wait_on_train_end=True`).
-
-    The background build makes no torch.distributed calls (collectives off the main thread could interleave with
-    the training's): under DDP every rank re-embeds the corpus from its own (identical) snapshot. Documents added to
-    the retriever during training are not in `dataset`, so a refresh drops them from the index: pass the full
-    corpus.
-
-    `refreshes` records (started_at_step, swapped_at_step) pairs; `error` holds an exception from the thread (it is
-    re-raised at the next step boundary)."""
-
-    def __init__(
-        self,
-        retriever: Any,
-        dataset: Any,
-        every_n_steps: int = 500,
-        batch_size: int = 64,
-        max_length: int = 288,
-        device: str | torch.device = "cpu",
-        wait_on_train_end: bool = True,
-    ):
-        if every_n_steps < 1:
-            raise ValueError("every_n_steps must be >= 1")
-        self.retriever = retriever
-        self.dataset = dataset
-        self.every_n_steps = every_n_steps
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = torch.device(device)
-        self.wait_on_train_end = wait_on_train_end
-        self.refreshes: list[tuple[int, int]] = []
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._result: Any = None
-        self._started_at = -1
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _work(self, worker: Any) -> None:
-        try:
-            self._result = worker.build_index(
-                self.dataset,
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-                progress=False,
-                set_index=False,
-                distributed=False,
-            )
-        except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
-            self.error = error
-
-    def start_refresh(self, step: int) -> None:
-        snapshot = copy.deepcopy(self.retriever.embedder).to(self.device).eval()
-        for parameter in snapshot.parameters():
-            parameter.requires_grad_(False)
-        # The worker gets its own tokenizer copy: fast tokenizers keep padding/truncation state, so sharing one with
-        # the training thread would race.
-        worker = type(self.retriever)(snapshot, copy.deepcopy(self.retriever.tokenizer))
-        self._result, self._started_at = None, step
-        self._thread = threading.Thread(target=self._work, args=(worker,), name="realm-index-refresh", daemon=True)
-        self._thread.start()
-
-    def _maybe_swap(self, step: int) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise RuntimeError("background index refresh failed") from error
-        if self._thread is not None and not self._thread.is_alive():
-            self._thread.join()
-            self._thread = None
-            if self._result is not None:
-                self.retriever.index = self._result
-                self.refreshes.append((self._started_at, step))
-            self._result = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._maybe_swap(state.global_step)
-        if state.global_step > 0 and state.global_step % self.every_n_steps == 0 and self._thread is None:
-            self.start_refresh(state.global_step)
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._thread is not None and self.wait_on_train_end:
-            self._thread.join()
-        self._maybe_swap(state.global_step)
-        return control
