@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, model_card, resolve_folder, split_download_kwargs
-from ..utils.io import DamagedFileError, FolderCommit, load_safetensors, read_json, reading_folder
+from ..utils.io import DamagedFileError, FolderCommit, read_json, reading_folder
 from .storage import IdTable, SafetensorsStreamWriter, VectorStore, exact_topk, map_safetensors
 
 BACKENDS = ("exact", "faiss")
@@ -120,6 +120,21 @@ def _check_id_types(ids: Sequence[Any]) -> None:
         raise TypeError(f"document ids must be strings, got {bad[:5]!r}.")
 
 
+def _read_into_memory(path: Path, tensor: torch.Tensor) -> torch.Tensor:
+    """A RAM copy of a memory-mapped tensor; running out of memory is named as such, with the fix."""
+    try:
+        return tensor.clone()
+    except (RuntimeError, MemoryError) as error:
+        if isinstance(error, RuntimeError) and "allocate" not in str(error):
+            raise
+        size = tensor.numel() * tensor.element_size() / 2**20
+        raise MemoryError(
+            f"{path}: its {tuple(tensor.shape)} tensor ({size:,.0f} MiB) does not fit in memory. Load the index with "
+            "DocumentIndex.from_pretrained(..., mmap=True) to read the embeddings from disk, with faiss_index='ivfpq' "
+            "or 'ivfsq' to keep only compressed codes in memory."
+        ) from None
+
+
 def _default_pq_m(dim: int) -> int:
     """Sub-quantizers for IVF-PQ: about 4 dimensions each (32 one-byte codes for 128-d), dividing `dim`."""
     return next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
@@ -164,7 +179,7 @@ class DocumentIndex(HubMixin):
         query_batch_size: int = 1024,
         pq_m: int | None = None,
         pq_bits: int | None = None,
-        rescore_factor: int = 4,
+        rescore_factor: int = 16,
         documents: Any = None,
         dim: int | None = None,
     ):
@@ -180,6 +195,8 @@ class DocumentIndex(HubMixin):
         duplicates = table.duplicates(5)
         if duplicates:
             raise ValueError(f"duplicate document ids {duplicates!r}: ids must be unique in the index.")
+        if len(table) > BLOCK_ROWS:
+            table.release_lookup()  # built again by the first look-up by id; a search needs none
         embeddings = self._check_embeddings(embeddings, len(ids), dim, ids)
         self._setup(
             table,
@@ -706,7 +723,7 @@ class DocumentIndex(HubMixin):
         if unknown:
             raise TypeError(f"unknown DocumentIndex settings {unknown}; the settings are {SETTINGS}.")
         folder.mkdir(parents=True, exist_ok=True)
-        table = IdTable()
+        id_blocks: list[list[str]] = []
         dim = None
         with SafetensorsStreamWriter(folder / EMBEDDINGS_NAME) as writer:
             for block_ids, block in blocks:
@@ -717,12 +734,15 @@ class DocumentIndex(HubMixin):
                     writer.begin("embeddings", torch.float32, (dim,))
                 block = cls._check_embeddings(block, len(block_ids), dim, block_ids)
                 writer.write(block.cpu())
-                table.extend(block_ids)
+                id_blocks.append(IdTable.from_list(block_ids))  # packed as it comes
+            table = IdTable.concat(id_blocks)
+            del id_blocks
             if dim is None or not len(table):
                 raise ValueError("No documents to index: the blocks were empty.")
             duplicates = table.duplicates(5)
             if duplicates:
                 raise ValueError(f"duplicate document ids {duplicates!r}: ids must be unique in the index.")
+            table.release_lookup()  # built again by the first look-up by id; a search needs none
             writer.begin("keys", torch.int64)
             for start in range(0, len(table), BLOCK_ROWS):
                 writer.write(torch.arange(start, min(start + BLOCK_ROWS, len(table))))
@@ -730,7 +750,7 @@ class DocumentIndex(HubMixin):
         mapped = map_safetensors(folder / EMBEDDINGS_NAME)
         full = {**cls._default_settings(), **(settings or {})}
         index = cls.__new__(cls)
-        index._setup(table, VectorStore(mapped["embeddings"], mapped=True), mapped["keys"].clone(), len(table), dim,
+        index._setup(table, VectorStore(mapped["embeddings"], mapped=True), mapped["keys"], len(table), dim,
                      torch.device("cpu"), documents, full)  # fmt: skip
         index.embedder_fingerprint = embedder_fingerprint
         if index.backend == "faiss":
@@ -813,17 +833,14 @@ class DocumentIndex(HubMixin):
         )
         # A flat faiss index holds the vectors itself: then the file is only mapped, to check it, never read in.
         mapped = mmap or (faiss_file is not None and settings["faiss_index"] in FLAT_FAISS)
-        ids = read_json(folder / IDS_NAME)
-        if not isinstance(ids, list):
-            raise DamagedFileError(folder / IDS_NAME, "it does not hold a JSON list of document ids")
-        _check_id_types(ids)
-        table = IdTable.from_list(ids)
-        del ids
+        table = IdTable.read_json(folder / IDS_NAME)
         path = folder / EMBEDDINGS_NAME
-        tensors = map_safetensors(path) if mapped else load_safetensors(path)
+        tensors = map_safetensors(path)
+        if not mapped:
+            tensors = {name: _read_into_memory(path, tensor) for name, tensor in tensors.items()}
         if set(tensors) != {"embeddings", "keys"}:
             raise DamagedFileError(path, f"it holds {sorted(tensors)}, not embeddings and keys")
-        embeddings, keys = tensors["embeddings"], tensors["keys"].to(torch.int64).clone()
+        embeddings, keys = tensors["embeddings"], tensors["keys"].to(torch.int64)  # (mapped keys are never written)
         if embeddings.dim() != 2 or keys.shape != (len(table),) or embeddings.shape[0] != len(table):
             raise ValueError(
                 f"{folder}: {IDS_NAME} lists {len(table)} documents but {EMBEDDINGS_NAME} holds embeddings "

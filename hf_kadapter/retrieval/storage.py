@@ -58,9 +58,49 @@ class IdTable:
 
     @classmethod
     def from_list(cls, ids: Iterable[str]) -> IdTable:
-        table = cls()
-        table.extend(ids)
-        return table
+        return cls.from_blocks([ids])
+
+    @classmethod
+    def from_blocks(cls, blocks: Iterable[Iterable[str]]) -> IdTable:
+        """One table from blocks of ids, packed once at the end (extending block by block would copy quadratically)."""
+        datas, lengths = [np.zeros(0, dtype=np.uint8)], [np.zeros(0, dtype=np.int64)]
+        for ids in blocks:
+            encoded = [_encode(i) for i in ids]
+            datas.append(np.frombuffer(b"".join(encoded), dtype=np.uint8))
+            lengths.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        all_lengths = np.concatenate(lengths)
+        offsets = np.zeros(len(all_lengths) + 1, dtype=np.int64)
+        np.cumsum(all_lengths, out=offsets[1:])
+        return cls(np.concatenate(datas), offsets)
+
+    @classmethod
+    def concat(cls, tables: Sequence[IdTable]) -> IdTable:
+        """The tables one after the other, packed once."""
+        if not tables:
+            return cls()
+        data = np.concatenate([t._data for t in tables])
+        lengths = np.concatenate([np.diff(t._offsets) for t in tables])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(data, offsets)
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike) -> IdTable:
+        """The ids of a JSON list of strings (ids.json), parsed block by block: the file is never a Python list of
+        millions of strings. Anything else in the file is named by a full parse (DamagedFileError, TypeError)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            return cls.from_blocks(_json_string_blocks(text))
+        except (UnicodeDecodeError, ValueError):
+            from ..utils.io import read_json  # names the line and column of what is wrong
+
+            ids = read_json(path)
+            if not isinstance(ids, list):
+                raise DamagedFileError(path, "it does not hold a JSON list of document ids") from None
+            bad = [doc_id for doc_id in ids if not isinstance(doc_id, str)]
+            if bad:
+                raise TypeError(f"{path}: document ids must be strings, got {bad[:5]!r}.") from None
+            return cls.from_list(ids)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -81,13 +121,13 @@ class IdTable:
         return [data[offsets[r] : offsets[r + 1]].tobytes().decode("utf-8", "surrogatepass") for r in rows]
 
     def tolist(self) -> list[str]:
-        buffer = self._data.tobytes()
-        offsets = self._offsets.tolist()
-        return [buffer[offsets[i] : offsets[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(self))]
+        return [value.decode("utf-8", "surrogatepass") for value in self._byte_values()]
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self._hashes is None else self._hashes.nbytes * (3 if self._sorted is not None else 1)
+        extra = 0 if self._hashes is None else self._hashes.nbytes
+        if self._sorted is not None:
+            extra += self._sorted[0].nbytes + self._sorted[1].nbytes
         return self._data.nbytes + self._offsets.nbytes + extra
 
     # ----- hashing and look-ups ------------------------------------------------------------------------------
@@ -97,15 +137,22 @@ class IdTable:
 
     def _row_hashes(self) -> np.ndarray:
         if self._hashes is None:
-            buffer, offsets = self._data.tobytes(), self._offsets.tolist()
-            self._hashes = self._hash_many((buffer[offsets[i] : offsets[i + 1]] for i in range(len(self))), len(self))
+            self._hashes = self._hash_many(self._byte_values(), len(self))
         return self._hashes
+
+    def _byte_values(self, block: int = 65536) -> Iterator[bytes]:
+        """Each id's UTF-8 bytes in order, decoded block by block (no list of every offset at once)."""
+        view = memoryview(self._data)
+        for start in range(0, len(self), block):
+            offsets = self._offsets[start : start + block + 1].tolist()
+            for i in range(len(offsets) - 1):
+                yield view[offsets[i] : offsets[i + 1]].tobytes()
 
     def _sorted_hashes(self) -> tuple[np.ndarray, np.ndarray]:
         if self._sorted is None:
             hashes = self._row_hashes()
             order = np.argsort(hashes, kind="stable")
-            self._sorted = (hashes[order], order)
+            self._sorted = (hashes[order], order.astype(np.int32) if len(order) < 2**31 else order)
         return self._sorted
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
@@ -127,6 +174,11 @@ class IdTable:
                     break
                 position += 1
         return found
+
+    def release_lookup(self) -> None:
+        """Free the hash index (16 to 20 bytes per id); the next look-up builds it again."""
+        self._hashes = None
+        self._sorted = None
 
     def __contains__(self, doc_id: object) -> bool:
         return isinstance(doc_id, str) and bool(self.rows([doc_id])[0] >= 0)
@@ -187,12 +239,45 @@ class IdTable:
         return hasher.hexdigest()
 
     def write_json(self, stream: Any, block: int = 65536) -> None:
-        """Write the ids as one JSON list, block by block (never the whole list as Python strings)."""
+        """Write the ids as one JSON list (`["a","b"]`), block by block (never the whole list as Python strings)."""
         stream.write("[")
         for start in range(0, len(self), block):
             values = self.take(range(start, min(start + block, len(self))))
-            stream.write(("," if start else "") + ",".join(json.dumps(v, ensure_ascii=False) for v in values))
+            stream.write(("," if start else "") + json.dumps(values, ensure_ascii=False, separators=(",", ":"))[1:-1])
         stream.write("]")
+
+
+def _escaped(text: str, position: int) -> bool:
+    """Whether the character at `position` follows an odd number of backslashes."""
+    count = 0
+    while position - count - 1 >= 0 and text[position - count - 1] == "\\":
+        count += 1
+    return count % 2 == 1
+
+
+def _json_string_blocks(text: str, block_chars: int = 1 << 20) -> Iterator[list[str]]:
+    """The strings of a JSON list, about `block_chars` of text at a time; ValueError when `text` is anything else.
+
+    The text is cut only between items: at a `","` whose first quote is not escaped (inside a JSON string a quote
+    is always escaped), so every piece is parsed by json.loads on its own. A list written with other separators is
+    parsed in one piece."""
+    body = text.strip()
+    if not (body.startswith("[") and body.endswith("]")):
+        raise ValueError("not a JSON list")
+    body = body[1:-1]
+    if not body.strip():
+        return
+    start = 0
+    while start < len(body):
+        cut = body.find('","', start + block_chars)
+        while cut != -1 and _escaped(body, cut):
+            cut = body.find('","', cut + 1)
+        end = len(body) if cut == -1 else cut + 1
+        piece = json.loads("[" + body[start:end] + "]")
+        if not all(isinstance(value, str) for value in piece):
+            raise ValueError("not a JSON list of strings")
+        yield piece
+        start = end + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
