@@ -313,3 +313,90 @@ def test_knowledge_augmented_mlm_loss_and_gradients(tmp_path):
     out["loss"].backward()
     assert mlm.cls.predictions.decoder.weight.grad.abs().sum() > 0
     assert retriever.embedder.query_tower.projection.weight.grad.abs().sum() > 0
+
+
+# ----- per-token marginalisation, long pairs, salient-span fallback ------------------------------------------------
+
+
+def _rigged(mlm, labels, k):
+    """mlm's forward, with document j of a query pushing target token t up when t + j is even, down otherwise."""
+    original = mlm.forward
+
+    def forward(input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        result = original(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        logits = result.logits.clone()
+        for row in range(logits.shape[0]):
+            example, document = divmod(row, k)
+            for position in (labels[example] != -100).nonzero().flatten().tolist():
+                logits[row, position, labels[example, position]] += 8.0 if (position + document) % 2 == 0 else -8.0
+        result.logits = logits
+        return result
+
+    return forward
+
+
+def test_token_marginalisation_matches_a_hand_computation_and_is_saved(tmp_path):
+    from hf_kadapter.retrieval.realm import realm_token_marginal_log_likelihood
+
+    # Two documents, p(z|x) = [2/3, 1/3]; a two-token span with p(y_t|z) = [[0.9, 0.1], [0.1, 0.9]]:
+    # per token: 2/3 * 0.9 + 1/3 * 0.1 = 19/30 and 2/3 * 0.1 + 1/3 * 0.9 = 11/30; per span: 2/3*0.09 + 1/3*0.09 = 0.09.
+    logits = torch.tensor([[math.log(2.0), 0.0]])
+    tokens = torch.log(torch.tensor([[[0.9, 0.1], [0.1, 0.9]]]))  # [B, k, T]
+    per_token = realm_token_marginal_log_likelihood(logits, tokens, torch.tensor([[True, True]]))
+    torch.testing.assert_close(per_token, torch.log(torch.tensor([[19 / 30, 11 / 30]])))
+    span = realm_marginal_log_likelihood(logits, tokens.sum(-1))
+    torch.testing.assert_close(span, torch.log(torch.tensor([0.09])))
+
+    retriever, _ = make_retriever(tmp_path)
+    torch.manual_seed(1)
+    batch = salient_span_mlm_batch(["barack obama was born in honolulu."] * 2, retriever.tokenizer, seed=0,
+                                   max_length=24, use_spacy=False)  # fmt: skip
+    span = torch.arange(1, 4)  # the first example gets a three-token span, the second keeps one token
+    batch["labels"][0] = -100
+    batch["labels"][0, span] = batch["input_ids"][0, span]
+    batch["input_ids"][0, span] = retriever.tokenizer.mask_token_id
+    models = {m: RealmKnowledgeAugmentedMLM(BertForMaskedLM(bert_config()), retriever, k=2, doc_max_length=32,
+                                            marginalization=m) for m in ("span", "token")}  # fmt: skip
+    models["token"].mlm.load_state_dict(models["span"].mlm.state_dict())
+    for model in models.values():  # each document makes every other target token likely (not a random tiny MLM)
+        model.mlm.forward = _rigged(model.mlm, batch["labels"], k=3)
+    with torch.no_grad():
+        out = {m: model(**batch) for m, model in models.items()}
+    targets = batch["labels"] != -100
+    token, whole = out["token"].marginal_log_likelihood, out["span"].marginal_log_likelihood
+    assert token[0] > whole[0] + 1.0  # per token each target finds a document that predicts it; per span none does
+    torch.testing.assert_close(token[1], whole[1])  # one-token span: the same
+    torch.testing.assert_close(out["token"].loss, -token.sum() / targets.sum())
+    torch.testing.assert_close(out["span"].loss, -whole.mean())
+    models["token"].save_pretrained(tmp_path / "token")
+    assert RealmKnowledgeAugmentedMLM.from_pretrained(tmp_path / "token").marginalization == "token"
+    with pytest.raises(ValueError, match="marginalization='product'"):
+        RealmKnowledgeAugmentedMLM(BertForMaskedLM(bert_config()), retriever, marginalization="product")
+
+
+def test_pairs_longer_than_the_masked_lm_positions_cut_the_document_with_a_count(tmp_path, caplog):
+    retriever, _ = make_retriever(tmp_path)
+    mlm = BertForMaskedLM(bert_config(max_position_embeddings=30))
+    model = RealmKnowledgeAugmentedMLM(mlm, retriever, k=2, add_null=False, doc_max_length=32)
+    batch = salient_span_mlm_batch(["paris is the capital of france."], retriever.tokenizer, seed=0, max_length=24,
+                                   use_spacy=False)  # fmt: skip
+    out = model(**batch)  # 24 query tokens + up to 31 document tokens > 30 positions
+    assert torch.isfinite(out.loss) and out.num_truncated_documents == 2 and model.truncated_documents == 2
+    assert "were longer than the masked LM's 30 positions" in caplog.text
+    long_query = salient_span_mlm_batch([" ".join(["paris"] * 6)], retriever.tokenizer, seed=0, max_length=40,
+                                        use_spacy=False)  # fmt: skip
+    with pytest.raises(ValueError, match="Query 0 has .* tokens, which leaves no room for a document"):
+        model(**long_query)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Yesterday Dr. Smith met the team.", ["Smith"]),
+        ("He joined the U.S. Army in 1942.", ["U.S. Army", "1942"]),
+        ("The Beatles played in Hamburg.", ["Beatles", "Hamburg"]),
+        ("They said Mr. J. R. R. Tolkien wrote it. It sold well.", ["J. R. R. Tolkien"]),
+    ],
+)
+def test_fallback_handles_titles_abbreviations_and_leading_articles(text, expected):
+    assert [text[s:e] for s, e, _ in salient_spans(text, use_spacy=False)] == expected
