@@ -196,3 +196,16 @@ def test_two_gloo_ranks_embed_half_each_and_swap_identical_indexes_at_the_same_s
         assert result["settings"]["chunk_size"] == 5
     digests = {result["index_digest"] for result in runs.values()}
     assert len(digests) == 1  # every rank, both runs with the same seed
+
+
+def test_an_abandoned_refresh_stops_at_its_next_batch(tmp_path):
+    retriever, _ = make_retriever(tmp_path)
+    retriever.documents = _SlowDocuments({"id": i, "title": t, "text": x} for i, t, x in DOCS)
+    before = retriever.index
+    callback = IndexRefreshCallback(retriever, every_n_steps=1, batch_size=1, max_length=32, wait_on_train_end=False)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    callback.on_step_end(args, _state(1), None)
+    thread = callback._pending.thread
+    callback.on_train_end(args, _state(1), None)  # training is over: the refresh is dropped, not waited for
+    thread.join(timeout=5)
+    assert not thread.is_alive() and retriever.index is before and callback.refreshes == []

@@ -579,12 +579,37 @@ class DocumentIndex(HubMixin):
             self._store = VectorStore(self._faiss_vectors(self._keys))
         self._faiss = None
         index = self._new_faiss(faiss)
-        for start, block in zip(range(0, len(self), BLOCK_ROWS), self._store.blocks(BLOCK_ROWS), strict=True):
-            keys = self._keys[start : start + len(block)]
-            index.add_with_ids(np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32), keys.numpy())
+        if self.faiss_index == "hnsw":
+            for start, block in zip(range(0, len(self), BLOCK_ROWS), self._store.blocks(BLOCK_ROWS), strict=True):
+                keys = self._keys[start : start + len(block)]
+                index.add_with_ids(np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32), keys.numpy())
+        else:
+            self._fill_ivf(faiss, index)
         self._faiss = index
         if self.faiss_index in FLAT_FAISS and not self._store.mapped:
+            if self.faiss_index == "ivf":  # get() by key, from faiss (a hash table: about 50 bytes per vector)
+                index.set_direct_map_type(faiss.DirectMap.Hashtable)
             self._store = None  # one copy in memory: faiss's
+
+    def _fill_ivf(self, faiss, index) -> None:
+        """Add every vector to a trained IVF index with its inverted lists allocated once at their final size: the
+        vectors are assigned to cells first (faiss's coarse quantizer), then added with those assignments (add_core),
+        so no list grows by doubling and holds up to twice the memory it needs."""
+        assignments, counts = [], np.zeros(index.nlist, dtype=np.int64)
+        for block in self._store.blocks(BLOCK_ROWS):
+            vectors = np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32)
+            cells = index.quantizer.assign(vectors, 1).reshape(-1)
+            assignments.append(cells)
+            counts += np.bincount(cells, minlength=index.nlist)
+        for cell in np.nonzero(counts)[0].tolist():  # reserve exactly: grow to the final size, empty, keep capacity
+            index.invlists.resize(cell, int(counts[cell]))
+            index.invlists.resize(cell, 0)
+        start = 0
+        for block, cells in zip(self._store.blocks(BLOCK_ROWS), assignments, strict=True):
+            vectors = np.ascontiguousarray(block.cpu().numpy(), dtype=np.float32)
+            keys = np.ascontiguousarray(self._keys[start : start + len(vectors)].numpy(), dtype=np.int64)
+            index.add_core(len(vectors), faiss.swig_ptr(vectors), faiss.swig_ptr(keys), faiss.swig_ptr(cells))
+            start += len(vectors)
 
     def _new_faiss(self, faiss):
         """An empty, trained faiss index of the configured kind."""
@@ -614,8 +639,6 @@ class DocumentIndex(HubMixin):
             generator = torch.Generator().manual_seed(0)
             sample = torch.randperm(len(self), generator=generator)[:train_size].sort().values
         index.train(np.ascontiguousarray(self._gather(sample).cpu().numpy(), dtype=np.float32))
-        if self.faiss_index == "ivf":
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # get() by key once the torch copy is dropped
         return index
 
     def _get_faiss(self):
@@ -872,10 +895,10 @@ class DocumentIndex(HubMixin):
                 raise ValueError(
                     f"{faiss_file} holds {loaded.ntotal} vectors but the index has {len(index)} documents."
                 )
-            if index.faiss_index == "ivf" and faiss.extract_index_ivf(loaded).direct_map.type == 0:
-                loaded.set_direct_map_type(faiss.DirectMap.Hashtable)  # written by hf_kadapter < 0.3
             index._faiss = loaded
             if index.faiss_index in FLAT_FAISS and not mmap:
+                if index.faiss_index == "ivf" and faiss.extract_index_ivf(loaded).direct_map.type == 0:
+                    loaded.set_direct_map_type(faiss.DirectMap.Hashtable)  # get() by key, from faiss
                 index._store = None
         if device is not None:
             index.to(device)

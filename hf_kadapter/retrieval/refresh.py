@@ -23,6 +23,7 @@ ends with the same index as an uninterrupted run.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -31,6 +32,7 @@ import shutil
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,7 @@ class IndexRefreshCallback(TrainerCallback):
         self.refreshes: list[tuple[int, int]] = []
         self.history: list[dict[str, Any]] = []
         self._pending: _Refresh | None = None
+        _LIVE.add(self)
 
     # ----- state -------------------------------------------------------------------------------------------------
     @property
@@ -263,8 +266,11 @@ class IndexRefreshCallback(TrainerCallback):
             started = time.perf_counter()
             total = len(pending.ids)
             low, high = rank * total // world, (rank + 1) * total // world
-            blocks = worker.embed_ids(
-                pending.ids.take(range(low, high)), batch_size=self.batch_size, max_length=self.max_length
+            blocks = _until_cancelled(
+                worker.embed_ids(
+                    pending.ids.take(range(low, high)), batch_size=self.batch_size, max_length=self.max_length
+                ),
+                pending,
             )
             fingerprint = native_fingerprint(pending.snapshot.state_dict().items())
             if folder is None:
@@ -286,7 +292,7 @@ class IndexRefreshCallback(TrainerCallback):
             pending.result = new
         except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
             pending.error = error
-            if folder is not None:
+            if folder is not None and not isinstance(error, _Cancelled):
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"failed-rank{rank}.txt").write_text(f"{type(error).__name__}: {error}", encoding="utf-8")
 
@@ -489,6 +495,32 @@ class IndexRefreshCallback(TrainerCallback):
                 f"refresh_dir={self.refresh_dir} is not shared by all ranks: each rank writes its part of the corpus "
                 "there and rank 0 assembles the index. Pass a folder on a filesystem every node mounts."
             )
+
+
+class _Cancelled(Exception):
+    """The refresh was abandoned (end of training without waiting, or the interpreter exiting)."""
+
+
+def _until_cancelled(blocks: Any, pending: _Refresh) -> Any:
+    """The blocks, stopping at the next batch once the refresh is abandoned."""
+    for block in blocks:
+        if pending.cancelled:
+            raise _Cancelled()
+        yield block
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_refreshes() -> None:
+    """At interpreter exit, stop refresh threads still running (a daemon thread inside torch when Python finalises
+    aborts the process) and wait for them to leave, which they do at their next batch."""
+    for callback in list(_LIVE):
+        pending = callback._pending
+        if pending is not None and pending.thread is not None:
+            pending.cancelled = True
+            pending.thread.join(timeout=60)
 
 
 def _replay(new: DocumentIndex, source: DocumentIndex, changes: Sequence[tuple[str, list[str]]]) -> None:
