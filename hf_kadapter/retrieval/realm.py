@@ -378,12 +378,12 @@ def _concat_query_document(
     pad_token_id: int,
     drop_doc_first_token: bool = True,
     max_length: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[query tokens (unpadded) ; document tokens without its leading [CLS]] per pair, right-padded.
     query_ids [B, Lq] is repeated over the k documents doc_ids [B, k, Ld] -> [B, k, L]. The query keeps its
     positions 0..Lq-1 so MLM labels aligned with the query stay valid (right padding of the query is moved after
-    the document). Also returns token type ids (0 query, 1 document) and the number of pairs whose document was cut
-    to fit `max_length` (the reader's positions): a cut document keeps its first tokens and its last one ([SEP])."""
+    the document). Also returns token type ids (0 query, 1 document). With `max_length` (the reader's positions) a
+    document that does not fit is cut: it keeps its first tokens and its last one ([SEP])."""
     batch, k, doc_len = doc_ids.shape
     start = 1 if drop_doc_first_token else 0
     query_lengths = query_mask.sum(-1).tolist()
@@ -400,7 +400,6 @@ def _concat_query_document(
     out_ids = query_ids.new_full((batch, k, total), pad_token_id)
     out_mask = query_mask.new_zeros((batch, k, total))
     out_types = query_mask.new_zeros((batch, k, total))
-    truncated = 0
     for b in range(batch):
         q_len = int(query_lengths[b])
         for j in range(k):
@@ -410,12 +409,11 @@ def _concat_query_document(
                 keep = total - q_len
                 document = torch.cat([document[: keep - 1], document[d_len - 1 :]]) if keep > 1 else document[:keep]
                 d_len = keep
-                truncated += 1
             out_ids[b, j, :q_len] = query_ids[b, :q_len]
             out_ids[b, j, q_len : q_len + d_len] = document
             out_mask[b, j, : q_len + d_len] = 1
             out_types[b, j, q_len : q_len + d_len] = 1
-    return out_ids, out_mask, out_types, truncated
+    return out_ids, out_mask, out_types
 
 
 @dataclass
@@ -561,7 +559,7 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         )
         batch, k, _ = retrieved.doc_input_ids.shape
         pad = self.retriever.tokenizer.pad_token_id or 0
-        ids, mask, types, truncated = _concat_query_document(
+        ids, mask, types = _concat_query_document(
             input_ids,
             attention_mask,
             retrieved.doc_input_ids,
@@ -569,6 +567,8 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
             pad,
             max_length=usable_positions(self.mlm.config),
         )
+        needed = attention_mask.sum(-1)[:, None] + retrieved.doc_attention_mask.sum(-1) - 1  # query + document - [CLS]
+        truncated = int((needed > ids.shape[-1]).sum())
         if truncated:
             self.truncated_documents += truncated
             logger.warning(

@@ -841,23 +841,27 @@ class RealmStyleRetriever(HubMixin):
         embedder_class: Any = None,
         device: str | torch.device | None = None,
         embedder: nn.Module | None = None,
+        mmap: bool = False,
         **download_kwargs: Any,
     ) -> RealmStyleRetriever:
         """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first); any
         interrupted save in a local folder is finished first.
 
         `embedder=` reuses an embedder instead of loading `embedder/` (needed when it was saved without it);
-        `embedder_class` defaults to AutoModel. Hub options (revision, token, ...) go to the download.
+        `embedder_class` defaults to AutoModel; `mmap=True` maps the index's embeddings instead of reading them
+        (DocumentIndex.from_pretrained). Hub options (revision, token, ...) go to the download.
         """
         download, unknown = split_download_kwargs(download_kwargs)
         if unknown:
             raise TypeError(f"Unexpected arguments {sorted(unknown)}.")
         folder = resolve_folder(directory, what="RealmStyleRetriever", **download)
         with reading_folder(folder):
-            return cls._load(folder, directory, embedder_class, device, embedder)
+            return cls._load(folder, directory, embedder_class, device, embedder, mmap)
 
     @classmethod
-    def _load(cls, folder: Path, directory: Any, embedder_class: Any, device: Any, embedder: Any) -> RealmStyleRetriever:
+    def _load(
+        cls, folder: Path, directory: Any, embedder_class: Any, device: Any, embedder: Any, mmap: bool = False
+    ) -> RealmStyleRetriever:
         if not (folder / RETRIEVER_CONFIG_NAME).is_file():
             raise FileNotFoundError(
                 f"{directory} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}); save one with "
@@ -887,6 +891,6 @@ class RealmStyleRetriever(HubMixin):
             documents = load_from_disk(str(folder / "documents"))
         index = None
         if config.get("has_index"):
-            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, device=device)
+            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, device=device, mmap=mmap)
             index.documents = documents
         return cls(embedder, tokenizer, index=index, documents=documents)
