@@ -39,7 +39,11 @@ def _add_bench(subparsers: Any) -> None:
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="5 seeds, the whole suite")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="1 seed, tiny sizes, ~1 min")
     parser.set_defaults(mode="quick")
-    parser.add_argument("--methods", default="kadapter,pelt,realm", help="comma-separated subset of kadapter,pelt,realm")
+    parser.add_argument(
+        "--methods",
+        default="kadapter,pelt,realm,composed",
+        help="comma-separated subset of kadapter,pelt,realm,composed (K-Adapter + PELT in one model)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per condition (default: 1 smoke, 3 quick, 5 full)")
     parser.add_argument("--output-dir", default="hf-kadapter-bench", help="where results and resumable work go")
     parser.add_argument("--encoder", default=None, help="encoder Hub id or folder (default: all-MiniLM-L6-v2)")
@@ -197,12 +201,6 @@ def _add_build_index(subparsers: Any) -> None:
     parser.add_argument("--max-length", type=int, default=288)
     parser.add_argument("--backend", default="exact", help="index backend: exact, or a faiss one (see DocumentIndex)")
     parser.set_defaults(handler=_build_index)
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    from .kadapter.data import load_records_plain
-
-    return load_records_plain(path)
 
 
 def _build_index(args: argparse.Namespace) -> int:

@@ -157,6 +157,7 @@ def test_pretrain_linguistic_keeps_the_factual_adapter_intact(recipe_base, factu
         ("finetune_relation", "tacred_train.json", "adapters"),
         ("finetune_multiple_choice", "cosmosqa_tiny.jsonl", "lora"),
         ("finetune_qa", "squad_tiny.json", "adapters"),
+        ("finetune_entity_typing", "openentity_train.json", "probe"),
     ],
 )
 def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, capsys, script, train, regime):
@@ -177,6 +178,9 @@ def test_finetuning_recipes(recipe_base, factual_adapter, tmp_path, capsys, scri
     base_trains = model.base_weights_trainable()
     assert base_trains == (regime == "paper")
     assert (model.config.base_lora is not None) == (regime == "lora")
+    if regime == "probe":  # what the adapters know, measured: only the fusion and the head train
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith(("kadapter.fusion.", "classifier.")) for n in trainable)
     results = json.loads((output / "all_results.json").read_text())
     evaluation = json.loads((output / "eval_results.json").read_text()) if script == "finetune_qa" else results
     expected_metric = {

@@ -400,3 +400,36 @@ def test_pairs_longer_than_the_masked_lm_positions_cut_the_document_with_a_count
 )
 def test_fallback_handles_titles_abbreviations_and_leading_articles(text, expected):
     assert [text[s:e] for s, e, _ in salient_spans(text, use_spacy=False)] == expected
+
+
+def test_knowledge_augmented_mlm_predicts_the_marginal_argmax_of_each_masked_token(tmp_path):
+    """predicted_token_ids = argmax_t sum_z p(z|x) p(t|z,x) at each masked position, recomputed here by hand from the
+    masked LM run on every [query ; document] pair the model read."""
+    from hf_kadapter.retrieval.realm import _concat_query_document
+
+    retriever, _ = make_retriever(tmp_path)
+    torch.manual_seed(3)
+    mlm = BertForMaskedLM(bert_config()).eval()
+    model = RealmKnowledgeAugmentedMLM(mlm, retriever, k=2, add_null=True, doc_max_length=32).eval()
+    batch = salient_span_mlm_batch(
+        ["paris is the capital of france.", "the tiber flows"], retriever.tokenizer, seed=0, max_length=24,
+        use_spacy=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        found = retriever.retrieve(batch, k=2, add_null=True, doc_max_length=32)
+        ids, mask, types = _concat_query_document(
+            batch["input_ids"], batch["attention_mask"], found.doc_input_ids, found.doc_attention_mask,
+            retriever.tokenizer.pad_token_id,
+        )  # fmt: skip
+        b, k, length = ids.shape
+        logits = mlm(input_ids=ids.view(b * k, length), attention_mask=mask.view(b * k, length),
+                     token_type_ids=types.view(b * k, length)).logits.view(b, k, length, -1)  # fmt: skip
+        prior = torch.softmax(found.scores.masked_fill(~found.mask, float("-inf")), dim=-1)
+        expected = torch.full_like(batch["labels"], -100)
+        for row in range(b):
+            for position in (batch["labels"][row] != -100).nonzero().flatten().tolist():
+                marginal = (prior[row, :, None] * torch.softmax(logits[row, :, position], dim=-1)).sum(0)
+                expected[row, position] = marginal.argmax()
+    assert (batch["labels"] != -100).any()
+    assert torch.equal(out.predicted_token_ids, expected)

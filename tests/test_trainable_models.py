@@ -106,6 +106,19 @@ def test_pelt_collator_keeps_slots_on_their_tokens(pelt_setup, side):
                 torch.testing.assert_close(together[i, : len(row["input_ids"])], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_pelt_collator_stacks_multi_label_targets_and_pads_token_labels(pelt_setup):
+    """A multi-hot target row (entity typing through PELT) is one vector per example, never padded like token
+    labels; per-token integer labels (masked LM) still are."""
+    _, tokenizer, table = pelt_setup
+    pelt = hk.PELTTokenizer(tokenizer, table)
+    rows = [dict(pelt(text, link=True)) for text in ["paris is in france.", "oslo."]]
+    typed = [{**row, "labels": [1.0, 0.0, 1.0]} for row in rows]
+    assert hk.PELTDataCollator(pelt)(typed)["labels"].tolist() == [[1.0, 0.0, 1.0]] * 2
+    masked = [{**row, "labels": [-100] * len(row["input_ids"])} for row in rows]
+    labels = hk.PELTDataCollator(pelt)(masked)["labels"]
+    assert labels.shape == (2, max(len(row["input_ids"]) for row in rows)) and bool((labels == -100).all())
+
+
 # ----- REALM ---------------------------------------------------------------------------------------------------------
 def test_realm_mlm_trains_checkpoints_and_resumes_with_the_plain_trainer(tmp_path):
     tokenizer = char_tokenizer(tmp_path / "tok")

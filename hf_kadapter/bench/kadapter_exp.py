@@ -66,8 +66,9 @@ class KAdapterSettings:
     feature_cache_dtype: str = "float32"
     paper_regime_seeds: int = 0  # also fine-tune the base (adapters frozen) as the paper does, on this many seeds
     paper_train_limit: int | None = 2000  # typing examples the (costly) paper regime fine-tunes on
-    paper_epochs: float = 3.0
-    paper_lr: float = 1e-4
+    paper_epochs: float = 5.0
+    paper_lr: float = 5e-5
+    paper_batch: int = 16
 
 
 def _subsample(rows: list[dict[str, Any]], limit: int | None, seed: int = 0) -> list[dict[str, Any]]:
@@ -386,7 +387,7 @@ def run_kadapter(
                     subset = subset.shuffle(seed=0).select(range(settings.paper_train_limit))
                 curve = train_small(model, subset, typing_collator, output_dir=workdir / "trainer",
                                     seed=seed, epochs=settings.paper_epochs, learning_rate=settings.paper_lr,
-                                    batch_size=settings.head_batch, warmup_ratio=0.06)  # fmt: skip
+                                    batch_size=settings.paper_batch, warmup_ratio=0.06)  # fmt: skip
                 logits = predict_batches(model, data.typing[eval_name], typing_collator, 64, lambda out: out.logits)
                 return {"curve": curve, "logits": logits.round(4).tolist()}
             model.freeze_base()

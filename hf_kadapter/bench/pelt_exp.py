@@ -96,12 +96,31 @@ def _shuffled(table: Any, seed: int) -> Any:
     )  # fmt: skip
 
 
+def new_domain_table(
+    mlm: Any, tokenizer: Any, records: list[dict[str, Any]], names: dict[str, str], held_out: set[str],
+    settings: PELTSettings, folder: Path, seed: int,
+) -> Any:  # fmt: skip
+    """The entity table of one seed: built for the known entities, then the held-out entities' vectors built on their
+    own and added with `add_entities` (a new domain plugged into an existing table). Both builds are resumable."""
+    from ..pelt import build_entity_table  # noqa: PLC0415
+
+    common = dict(entity_names=names, max_occurrences=settings.max_occurrences, seed=seed,
+                  max_length=settings.table_max_length, norm=settings.norm, progress=False, batch_size=128)
+    known = build_entity_table(mlm, tokenizer, records, skip_entities=sorted(held_out),
+                               output_dir=folder / f"seed{seed}" / "known", **common)
+    new = build_entity_table(mlm, tokenizer, records, skip_entities=known,
+                             output_dir=folder / f"seed{seed}" / "new", **common)  # fmt: skip
+    table = known.copy()
+    table.add_entities(new)
+    return table
+
+
 def run_pelt(
     settings: PELTSettings, suite_dir: Path, workdir: Path, progress: Callable[[str], None] = print
 ) -> ExperimentResult:
     from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: PLC0415
 
-    from ..pelt import PELTModel, PELTTokenizer, build_entity_table  # noqa: PLC0415
+    from ..pelt import PELTModel, PELTTokenizer  # noqa: PLC0415
 
     result = ExperimentResult(
         method="pelt",
@@ -152,20 +171,8 @@ def run_pelt(
 
     for seed in settings.seeds:
         # ----- the knowledge source: a table per seed; held-out entities added as a new domain -----------------
-        def build(seed: int = seed) -> Any:
-            folder = workdir / "tables" / f"seed{seed}"
-            common = dict(entity_names=names, max_occurrences=settings.max_occurrences, seed=seed,
-                          max_length=settings.table_max_length, norm=settings.norm, progress=False, batch_size=128)
-            known = build_entity_table(mlm, tokenizer, records, skip_entities=sorted(eval_ids),
-                                       output_dir=folder / "known", **common)
-            new = build_entity_table(mlm, tokenizer, records, skip_entities=known,
-                                     output_dir=folder / "new", **common)  # fmt: skip
-            table = known.copy()
-            table.add_entities(new)
-            return table
-
         with result.phase("entity tables"):
-            table = build()
+            table = new_domain_table(mlm, tokenizer, records, names, eval_ids, settings, workdir / "tables", seed)
         covered = sum(1 for e in evaluation if e in table)
         progress(f"  table seed {seed}: {len(table)} entities, {int(table.counts.sum())} occurrences, "
                  f"{covered}/{len(evaluation)} held-out entities with a vector")  # fmt: skip

@@ -88,8 +88,9 @@ def _inline(mapping: dict[str, Any]) -> str:
 # Plots
 # ---------------------------------------------------------------------------------------------------------------
 MAIN_METRICS = {
-    "kadapter": ("coarse_accuracy", "coarse_accuracy[in_facts]", "type_micro_f1"),
+    "kadapter": ("coarse_accuracy", "name_coarse_accuracy", "type_micro_f1"),
     "pelt": ("coarse_accuracy", "type_micro_f1"),
+    "composed": ("coarse_accuracy", "type_micro_f1"),
     "realm": ("masked_entity_accuracy", "statement_recall@5", "qa_exact_match"),
 }
 

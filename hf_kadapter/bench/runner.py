@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..utils.io import write_json_atomic
+from .compose_exp import ComposeSettings, run_compose
 from .core import quiet_transformers
 from .kadapter_exp import KAdapterSettings, run_kadapter
 from .models import resolve
@@ -30,7 +31,7 @@ from .realm_exp import RealmSettings, run_realm
 from .report import gain_table, markdown, plot
 from .wordnet import SUITE_DIR, suite_checksum, suite_manifest
 
-METHODS = ("kadapter", "pelt", "realm")
+METHODS = ("kadapter", "pelt", "realm", "composed")
 MODES = ("smoke", "quick", "full")
 DEFAULT_SEEDS = {"smoke": 1, "quick": 3, "full": 5}
 
@@ -42,6 +43,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pelt": dict(train_limit=160, eval_limit=80, max_occurrences=2, epochs=1.0, batch_size=32),
         "realm": dict(num_documents=200, train_limit=48, eval_limit=32, k=2, steps=6, refresh_every=3,
                       doc_max_length=32, reader_k=2, reader_epochs=1.0),
+        "composed": dict(fact_limit=120, train_limit=120, eval_limit=60, max_occurrences=2, adapter_hidden=16,
+                         pretrain_epochs=1.0, head_epochs=1.0),
     },
     "quick": {
         "kadapter": dict(fact_limit=1200, typing_train_limit=1500, typing_test_limit=None, adapter_hidden=128,
@@ -50,12 +53,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pelt": dict(train_limit=1500, eval_limit=None, max_occurrences=8),
         "realm": dict(num_documents=1000, train_limit=400, eval_limit=150, k=3, batch_size=4, steps=50,
                       refresh_every=15, doc_max_length=32, reader_k=3, reader_epochs=1.0),
+        "composed": dict(fact_limit=1200, train_limit=1000, max_occurrences=8, head_epochs=5.0),
     },
     "full": {
-        "kadapter": dict(pretrain_epochs=3.0, head_epochs=10.0, head_batch=64, paper_regime_seeds=3),
+        "kadapter": dict(adapter_hidden=128, adapter_layers=1, adapter_heads=4, pretrain_epochs=3.0, head_epochs=10.0,
+                         head_batch=64, paper_regime_seeds=3, paper_train_limit=1500),
         "pelt": dict(max_occurrences=32),
-        "realm": dict(num_documents=5000, k=3, batch_size=8, steps=200, refresh_every=50, reader_k=4,
-                      reader_epochs=2.0),
+        "realm": dict(num_documents=3000, train_limit=2000, k=3, batch_size=8, steps=100, refresh_every=25,
+                      reader_k=4, reader_epochs=2.0),
+        "composed": dict(pretrain_epochs=3.0, max_occurrences=32),
     },
 }  # fmt: skip
 
@@ -93,10 +99,14 @@ def settings_for(
         return KAdapterSettings(encoder=encoder, **preset)
     if method == "pelt":
         return PELTSettings(mlm=mlm, **preset)
+    if method == "composed":
+        return ComposeSettings(mlm=mlm, **preset)
     return RealmSettings(encoder=encoder, mlm=mlm, **preset)
 
 
-RUNNERS: dict[str, Callable[..., Any]] = {"kadapter": run_kadapter, "pelt": run_pelt, "realm": run_realm}
+RUNNERS: dict[str, Callable[..., Any]] = {
+    "kadapter": run_kadapter, "pelt": run_pelt, "realm": run_realm, "composed": run_compose,
+}  # fmt: skip
 
 
 def run_benchmark(
@@ -131,7 +141,7 @@ def run_benchmark(
         raise ValueError(f"seeds={count}: at least one seed is needed.")
     seed_list = list(range(count))
     encoder = resolve(encoder, "encoder") if "kadapter" in methods or "realm" in methods else (encoder or "")
-    mlm = resolve(mlm, "mlm") if "pelt" in methods or "realm" in methods else (mlm or "")
+    mlm = resolve(mlm, "mlm") if {"pelt", "realm", "composed"} & set(methods) else (mlm or "")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     quiet_transformers()

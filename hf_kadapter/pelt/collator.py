@@ -21,6 +21,15 @@ IGNORE_INDEX = -100
 SEQUENCE_INPUTS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
 
 
+def _token_labels(values: Sequence[Any], lengths: Sequence[int]) -> bool:
+    """Per-token labels (masked-LM, tagging: one integer per token) rather than one target vector per example
+    (multi-label classification: a multi-hot row as long as the label set; give it as floats)."""
+    return all(
+        len(value) == length and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
+        for value, length in zip(values, lengths, strict=True)
+    )
+
+
 def _as_list(value: Any) -> Any:
     return value.tolist() if isinstance(value, torch.Tensor) else value
 
@@ -33,7 +42,8 @@ class PELTDataCollator:
       tokenizer's `padding_side` to the longest example (rounded up to `pad_to_multiple_of`);
     - `entity_positions` / `entity_ids` are padded with -1 to the most slots in the batch; with left padding every
       position field (`*positions`, -1 left alone) is shifted by the example's left padding;
-    - `labels`: a sequence (masked-LM / token labels) is padded with -100 on the same side, a number is stacked.
+    - `labels`: per-token labels (masked-LM / tagging: one integer per token) are padded with -100 on the same side;
+      a number, or one target vector per example (a multi-hot row for multi-label typing), is stacked.
 
     `tokenizer` is the PELTTokenizer or the tokenizer it wraps (its pad token id and padding side are used).
     """
@@ -68,7 +78,10 @@ class PELTDataCollator:
             elif name in ("entity_positions", "entity_ids"):
                 batch[name] = self._pad_entities(values, shifts if name == "entity_positions" else None)
             elif name == "labels" and isinstance(values[0], (list, tuple)):
-                batch[name] = self._pad(values, width, IGNORE_INDEX)
+                if _token_labels(values, lengths):
+                    batch[name] = self._pad(values, width, IGNORE_INDEX)
+                else:  # one vector per example (multi-hot classification targets): stacked, never padded
+                    batch[name] = torch.as_tensor(values)
             elif name.endswith("positions"):
                 batch[name] = self._shift(torch.as_tensor(values, dtype=torch.long), shifts)
             elif isinstance(values[0], str) or (
