@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from hf_kadapter.retrieval.index import DocumentIndex, exact_topk
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_index(num_docs=100, dim=8, seed=0, **kwargs):
@@ -180,7 +187,15 @@ def recall_at(approx_rows, exact_rows):
     return hits / exact_rows.numel()
 
 
-@pytest.mark.parametrize("kind,params", [("ivf", dict(nlist=32, nprobe=8)), ("hnsw", dict(M=16, ef_search=64))])
+@pytest.mark.parametrize(
+    "kind,params",
+    [
+        ("ivf", dict(nlist=32, nprobe=8)),
+        ("hnsw", dict(M=16, ef_search=64)),
+        ("ivfpq", dict(nlist=32, nprobe=8, rescore_factor=8)),
+        ("ivfsq", dict(nlist=32, nprobe=8)),
+    ],
+)
 def test_faiss_recall_add_remove_save_load(tmp_path, kind, params):
     pytest.importorskip("faiss")
     docs, queries = clustered()
@@ -214,3 +229,107 @@ def test_faiss_recall_add_remove_save_load(tmp_path, kind, params):
         assert torch.equal(a, b)
     loaded.add(["late"], queries[1:2] * 10)
     assert loaded.ids_at(loaded.search(queries[1:2], 1)[1]) == [["late"]]
+
+
+def test_faiss_holds_the_only_copy_of_flat_vectors_and_compressed_kinds_keep_theirs(tmp_path):
+    pytest.importorskip("faiss")
+    docs, queries = clustered(num_docs=1000)
+    ids = [f"d{i}" for i in range(len(docs))]
+    flat = DocumentIndex(ids, docs, backend="faiss", faiss_index="ivf", nlist=8, nprobe=8)
+    flat.search(queries, 3)
+    assert flat._store is None  # the torch copy is gone: faiss's is the only one
+    assert torch.equal(flat.get(["d7", "d3"]), docs[[7, 3]]) and torch.equal(flat.embeddings, docs)
+    flat.save_pretrained(tmp_path / "flat")
+    loaded = DocumentIndex.from_pretrained(tmp_path / "flat")
+    assert loaded._store is None and torch.equal(loaded.get(["d5"]), docs[5:6])  # not read into RAM twice
+    pq = DocumentIndex(ids, docs, backend="faiss", faiss_index="ivfpq", nlist=8, nprobe=8, rescore_factor=1)
+    scores, rows = pq.search(queries, 5)
+    torch.testing.assert_close(scores, (queries.unsqueeze(1) * docs[rows]).sum(-1))  # exact scores after re-scoring
+    with pytest.raises(ValueError, match="pq_m=5 must divide the embedding width 32"):
+        DocumentIndex(ids, docs, backend="faiss", faiss_index="ivfpq", pq_m=5)
+    with pytest.raises(ValueError, match="rescore_factor=0"):
+        DocumentIndex(ids, docs, backend="faiss", faiss_index="ivfpq", rescore_factor=0)
+
+
+def test_memory_mapped_index_reads_from_disk_and_changes_in_ram(tmp_path):
+    index, embeddings = random_index(50, chunk_size=16)
+    index.save_pretrained(tmp_path / "saved")
+    mapped = DocumentIndex.from_pretrained(tmp_path / "saved", mmap=True)
+    assert mapped.memory_mapped and not DocumentIndex.from_pretrained(tmp_path / "saved").memory_mapped
+    assert torch.equal(mapped.embeddings, embeddings)
+    extra = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    mapped.add(["x0", "x1", "x2"], extra)
+    mapped.remove(["doc0", "x1", "doc30"])
+    expected = torch.cat([embeddings, extra])[[i for i in range(53) if i not in (0, 30, 51)]]
+    assert torch.equal(mapped.embeddings, expected) and torch.equal(mapped.get(["x2", "doc1"]), expected[[-1, 0]])
+    queries = torch.randn(6, 8, generator=torch.Generator().manual_seed(6))
+    scores, rows = mapped.search(queries, 5)  # chunked over the file and the rows added in RAM, removed ones skipped
+    top_scores, top_rows = brute_force(queries, expected, 5)
+    torch.testing.assert_close(scores, top_scores)
+    assert torch.equal(rows, top_rows)
+    mapped.save_pretrained(tmp_path / "saved")  # into the folder it maps
+    again = DocumentIndex.from_pretrained(tmp_path / "saved", mmap=True)
+    assert again.ids == mapped.ids and torch.equal(again.embeddings, expected)
+
+
+def test_build_on_disk_streams_blocks_and_checks_them(tmp_path):
+    pytest.importorskip("faiss")
+    docs, queries = clustered(num_docs=2000)
+    ids = [f"d{i}" for i in range(len(docs))]
+    blocks = ((ids[i : i + 300], docs[i : i + 300]) for i in range(0, len(docs), 300))
+    built = DocumentIndex.build_on_disk(tmp_path / "built", blocks, backend="faiss", faiss_index="ivfpq", nlist=16,
+                                        nprobe=16, rescore_factor=8, embedder_fingerprint="fp2:test")  # fmt: skip
+    assert built.memory_mapped and built.embedder_fingerprint == "fp2:test"
+    exact = DocumentIndex(ids, docs)
+    assert recall_at(built.search(queries, 10)[1], exact.search(queries, 10)[1]) >= 0.95
+    loaded = DocumentIndex.from_pretrained(tmp_path / "built", mmap=True)
+    assert loaded.ids == ids and loaded.nlist == 16 and loaded._faiss is not None
+    with pytest.raises(ValueError, match=r"duplicate document ids \['a'\]"):
+        DocumentIndex.build_on_disk(tmp_path / "dup", [(["a", "b"], docs[:2]), (["a"], docs[2:3])])
+    with pytest.raises(ValueError, match=r"documents \['b'\].*NaN"):
+        DocumentIndex.build_on_disk(tmp_path / "nan", [(["a", "b"], torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]))])
+    with pytest.raises(ValueError, match="No documents"):
+        DocumentIndex.build_on_disk(tmp_path / "empty", [])
+    with pytest.raises(TypeError, match="unknown DocumentIndex settings"):
+        DocumentIndex.build_on_disk(tmp_path / "typo", [(["a"], docs[:1])], nprobes=3)
+    assert not (tmp_path / "dup" / "embeddings.safetensors").exists()  # a failed build commits nothing
+
+
+def test_id_table_packs_and_finds_ids():
+    from hf_kadapter.retrieval.storage import IdTable, _json_string_blocks
+
+    ids = ["a", "é", "中文", "", "a b", "x" * 300]
+    table = IdTable.from_list(ids)
+    assert table.tolist() == ids and list(table) == ids and table[-1] == "x" * 300
+    assert table.rows(["中文", "nope", ""]).tolist() == [2, -1, 3]
+    table.extend(["z"])
+    table.select(np.array([True, False, True, True, True, True, True]))
+    assert table.tolist() == ["a", "中文", "", "a b", "x" * 300, "z"] and table.rows(["z"]).tolist() == [5]
+    assert IdTable.from_list(["q", "r", "q"]).duplicates() == ["q"]
+    tricky = ["a", "b\\", 'c"d', '","', '\\","', "中"]
+    for block_chars in (1, 1 << 20):  # ids.json is parsed in pieces cut between items only
+        stream = io.StringIO()
+        IdTable.from_list(tricky).write_json(stream)
+        assert json.loads(stream.getvalue()) == tricky
+        pieces = list(_json_string_blocks(stream.getvalue(), block_chars))
+        assert [i for piece in pieces for i in piece] == tricky
+
+
+def test_one_copy_in_memory_and_a_corpus_larger_than_the_memory_allowed(tmp_path):
+    """In a child process (tests/index_memory_worker.py): IVF-flat holds its vectors once (not a torch copy beside
+    faiss's), and under RLIMIT_DATA below the size of the vectors an IVF-PQ index is built on disk and searched with
+    re-scoring from the memory-mapped file, while reading the vectors into RAM is refused with the fix."""
+    pytest.importorskip("faiss")
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "RLIMIT_DATA") or not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux (/proc and RLIMIT_DATA)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072", PYTHONPATH=str(ROOT))
+    worker = ROOT / "tests" / "index_memory_worker.py"
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["built_copies"] < 1.5 and result["loaded_copies"] < 1.5, result
+    assert result["vectors_mb"] > result["budget_mb"] and result["memory_mapped"]
+    assert result["recall_at_10"] >= 0.9, result
+    assert "does not fit in memory" in result["full_load_refused"] and "mmap=True" in result["full_load_refused"]

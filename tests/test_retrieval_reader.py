@@ -213,3 +213,46 @@ def test_mismatched_span_width_is_a_clear_error():
     }
     with pytest.raises(ValueError, match="max_span_width=4"):
         reader(**inputs)
+
+
+def test_reader_reads_titles_as_the_embedder_does(tokenizer, retriever, monkeypatch):
+    question, text = ["capital of france?"], [["it is the capital of france."]]
+    without = prepare_reader_inputs(tokenizer, question, text, answers=["paris"])
+    with_titles = prepare_reader_inputs(tokenizer, question, text, answers=["paris"], titles=[["paris"]])
+    assert not without["answer_mask"].any() and with_titles["answer_mask"].any()  # reachable only in the title
+    ids = with_titles["input_ids"][0, 0]
+    tokens = tokenizer.convert_ids_to_tokens(ids[with_titles["attention_mask"][0, 0].bool()].tolist())
+    expected = [*tokenizer.tokenize("paris"), "[SEP]", *tokenizer.tokenize(text[0][0]), "[SEP]"]
+    assert tokens[tokens.index("[SEP]") + 1 :] == expected
+    inner_sep = tokens.index("[SEP]", tokens.index("[SEP]") + 1)
+    assert not with_titles["doc_mask"][0, 0, inner_sep]  # no answer span crosses the title / text separator
+    assert prepare_reader_inputs(tokenizer, question, text, titles=[[None]])["input_ids"].equal(without["input_ids"])
+
+    import hf_kadapter.retrieval.reader as reader_module
+
+    seen = {}
+    original = reader_module.prepare_reader_inputs
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reader_module, "prepare_reader_inputs", spy)
+    reader = OpenQAReader(tiny_bert(), span_hidden_size=8, max_span_width=4)
+    reader.ask("capital of france?", retriever, tokenizer, k=2)
+    assert seen["titles"] and all(t for row in seen["titles"] for t in row)  # ask/predict pass the titles
+
+
+def test_over_long_pairs_are_cut_on_the_document_side_with_a_count(tokenizer, caplog):
+    long_text = " ".join(["paris"] * 60)
+    inputs = prepare_reader_inputs(tokenizer, ["capital?"], [[long_text, "short."]], max_length=24)
+    assert inputs["input_ids"].shape[-1] == 24 and inputs["doc_truncated"].tolist() == [[True, False]]
+    assert "1 of 2 question + document pairs are longer than max_length=24" in caplog.text
+    with pytest.raises(ValueError, match="Question 0 has .* leaves no room for a document"):
+        prepare_reader_inputs(tokenizer, [" ".join(["rome"] * 30)], [["x"]], max_length=24)
+    # More tokens than the encoder's positions: named, not an index error from inside BERT.
+    small = BertModel(BertConfig(vocab_size=len(VOCAB_TOKENS), hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=20))  # fmt: skip
+    reader = OpenQAReader(small, span_hidden_size=8, max_span_width=4)
+    with pytest.raises(ValueError, match="at most 20: build them with prepare_reader_inputs\\(..., max_length=20\\)"):
+        reader(**inputs)

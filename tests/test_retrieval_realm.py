@@ -289,48 +289,6 @@ def test_index_refresh_callback_during_trainer_run(tmp_path):
     assert out.scores.shape == (1, 2)
 
 
-def test_refresh_makes_no_collective_calls(tmp_path, monkeypatch):
-    import hf_kadapter.retrieval.retriever as retriever_module
-
-    retriever, corpus = make_retriever(tmp_path)
-    monkeypatch.setattr(retriever_module, "_distributed", lambda: (0, 2))  # as if under DDP
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("collective call from the refresh thread")
-
-    monkeypatch.setattr(torch.distributed, "all_gather_object", forbidden)
-    monkeypatch.setattr(torch.distributed, "barrier", forbidden)
-    callback = IndexRefreshCallback(retriever, corpus, every_n_steps=1, batch_size=4, max_length=32)
-    callback.start_refresh(1)
-    callback._thread.join()
-    callback._maybe_swap(2)
-    assert callback.refreshes == [(1, 2)] and retriever.index.ids == [d[0] for d in DOCS]
-
-
-def test_refresh_keeps_the_index_search_settings(tmp_path):
-    """A faiss index is refreshed into a faiss index of the same type and settings, not the default exact one."""
-    retriever, corpus = make_retriever(tmp_path)
-    retriever.build_index(corpus, batch_size=4, max_length=32, progress=False, backend="faiss", faiss_index="hnsw",
-                          ef_search=7)  # fmt: skip
-    callback = IndexRefreshCallback(retriever, corpus, every_n_steps=1, batch_size=4, max_length=32)
-    callback.start_refresh(1)
-    callback._thread.join()
-    before = retriever.index
-    callback._maybe_swap(2)
-    assert retriever.index is not before and callback.refreshes == [(1, 2)]
-    assert retriever.index.search_settings() == before.search_settings()
-    assert retriever.index.backend == "faiss" and retriever.index.faiss_index == "hnsw"
-
-
-def test_refresh_error_is_raised_on_training_thread(tmp_path):
-    retriever, corpus = make_retriever(tmp_path)
-    callback = IndexRefreshCallback(retriever, corpus.remove_columns("title").select([]), every_n_steps=1)
-    callback.start_refresh(1)
-    callback._thread.join()
-    with pytest.raises(RuntimeError, match="background index refresh failed"):
-        callback._maybe_swap(2)
-
-
 # ----- knowledge-augmented MLM -------------------------------------------------------------------------------------
 
 
@@ -355,6 +313,93 @@ def test_knowledge_augmented_mlm_loss_and_gradients(tmp_path):
     out["loss"].backward()
     assert mlm.cls.predictions.decoder.weight.grad.abs().sum() > 0
     assert retriever.embedder.query_tower.projection.weight.grad.abs().sum() > 0
+
+
+# ----- per-token marginalisation, long pairs, salient-span fallback ------------------------------------------------
+
+
+def _rigged(mlm, labels, k):
+    """mlm's forward, with document j of a query pushing target token t up when t + j is even, down otherwise."""
+    original = mlm.forward
+
+    def forward(input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        result = original(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        logits = result.logits.clone()
+        for row in range(logits.shape[0]):
+            example, document = divmod(row, k)
+            for position in (labels[example] != -100).nonzero().flatten().tolist():
+                logits[row, position, labels[example, position]] += 8.0 if (position + document) % 2 == 0 else -8.0
+        result.logits = logits
+        return result
+
+    return forward
+
+
+def test_token_marginalisation_matches_a_hand_computation_and_is_saved(tmp_path):
+    from hf_kadapter.retrieval.realm import realm_token_marginal_log_likelihood
+
+    # Two documents, p(z|x) = [2/3, 1/3]; a two-token span with p(y_t|z) = [[0.9, 0.1], [0.1, 0.9]]:
+    # per token: 2/3 * 0.9 + 1/3 * 0.1 = 19/30 and 2/3 * 0.1 + 1/3 * 0.9 = 11/30; per span: 2/3*0.09 + 1/3*0.09 = 0.09.
+    logits = torch.tensor([[math.log(2.0), 0.0]])
+    tokens = torch.log(torch.tensor([[[0.9, 0.1], [0.1, 0.9]]]))  # [B, k, T]
+    per_token = realm_token_marginal_log_likelihood(logits, tokens, torch.tensor([[True, True]]))
+    torch.testing.assert_close(per_token, torch.log(torch.tensor([[19 / 30, 11 / 30]])))
+    span = realm_marginal_log_likelihood(logits, tokens.sum(-1))
+    torch.testing.assert_close(span, torch.log(torch.tensor([0.09])))
+
+    retriever, _ = make_retriever(tmp_path)
+    torch.manual_seed(1)
+    batch = salient_span_mlm_batch(["barack obama was born in honolulu."] * 2, retriever.tokenizer, seed=0,
+                                   max_length=24, use_spacy=False)  # fmt: skip
+    span = torch.arange(1, 4)  # the first example gets a three-token span, the second keeps one token
+    batch["labels"][0] = -100
+    batch["labels"][0, span] = batch["input_ids"][0, span]
+    batch["input_ids"][0, span] = retriever.tokenizer.mask_token_id
+    models = {m: RealmKnowledgeAugmentedMLM(BertForMaskedLM(bert_config()), retriever, k=2, doc_max_length=32,
+                                            marginalization=m) for m in ("span", "token")}  # fmt: skip
+    models["token"].mlm.load_state_dict(models["span"].mlm.state_dict())
+    for model in models.values():  # each document makes every other target token likely (not a random tiny MLM)
+        model.mlm.forward = _rigged(model.mlm, batch["labels"], k=3)
+    with torch.no_grad():
+        out = {m: model(**batch) for m, model in models.items()}
+    targets = batch["labels"] != -100
+    token, whole = out["token"].marginal_log_likelihood, out["span"].marginal_log_likelihood
+    assert token[0] > whole[0] + 1.0  # per token each target finds a document that predicts it; per span none does
+    torch.testing.assert_close(token[1], whole[1])  # one-token span: the same
+    torch.testing.assert_close(out["token"].loss, -token.sum() / targets.sum())
+    torch.testing.assert_close(out["span"].loss, -whole.mean())
+    models["token"].save_pretrained(tmp_path / "token")
+    assert RealmKnowledgeAugmentedMLM.from_pretrained(tmp_path / "token").marginalization == "token"
+    with pytest.raises(ValueError, match="marginalization='product'"):
+        RealmKnowledgeAugmentedMLM(BertForMaskedLM(bert_config()), retriever, marginalization="product")
+
+
+def test_pairs_longer_than_the_masked_lm_positions_cut_the_document_with_a_count(tmp_path, caplog):
+    retriever, _ = make_retriever(tmp_path)
+    mlm = BertForMaskedLM(bert_config(max_position_embeddings=30))
+    model = RealmKnowledgeAugmentedMLM(mlm, retriever, k=2, add_null=False, doc_max_length=32)
+    batch = salient_span_mlm_batch(["paris is the capital of france."], retriever.tokenizer, seed=0, max_length=24,
+                                   use_spacy=False)  # fmt: skip
+    out = model(**batch)  # 24 query tokens + up to 31 document tokens > 30 positions
+    assert torch.isfinite(out.loss) and out.num_truncated_documents == 2 and model.truncated_documents == 2
+    assert "were longer than the masked LM's 30 positions" in caplog.text
+    long_query = salient_span_mlm_batch([" ".join(["paris"] * 6)], retriever.tokenizer, seed=0, max_length=40,
+                                        use_spacy=False)  # fmt: skip
+    with pytest.raises(ValueError, match="Query 0 has .* tokens, which leaves no room for a document"):
+        model(**long_query)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Yesterday Dr. Smith met the team.", ["Smith"]),
+        ("He joined the U.S. Army in 1942.", ["U.S. Army", "1942"]),
+        ("The Beatles played in Hamburg.", ["Beatles", "Hamburg"]),
+        ("They said Mr. J. R. R. Tolkien wrote it. It sold well.", ["J. R. R. Tolkien"]),
+    ],
+)
+def test_fallback_handles_titles_abbreviations_and_leading_articles(text, expected):
+    assert [text[s:e] for s, e, _ in salient_spans(text, use_spacy=False)] == expected
 
 
 def test_knowledge_augmented_mlm_predicts_the_marginal_argmax_of_each_masked_token(tmp_path):

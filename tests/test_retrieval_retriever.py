@@ -291,15 +291,17 @@ def test_build_index_rank_split_simulated_with_threads(tmp_path, corpus, monkeyp
     local, barrier, shared = threading.local(), threading.Barrier(2), {}
     embedded_rows: dict[int, list[str]] = {0: [], 1: []}
 
-    def all_gather_object(output, obj):
-        shared[local.rank] = obj
+    def all_reduce(tensor, op=None):
+        shared[local.rank] = tensor.clone()
         barrier.wait()
-        output[:] = [shared[0], shared[1]]
+        combine = torch.maximum if op == torch.distributed.ReduceOp.MAX else torch.add
+        tensor.copy_(combine(shared[0], shared[1]))
         barrier.wait()
 
     monkeypatch.setattr(retriever_module, "_distributed", lambda: (local.rank, 2))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: barrier.wait())
-    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
     results, errors = {}, []
 
     def run(rank):

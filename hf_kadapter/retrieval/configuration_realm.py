@@ -37,6 +37,11 @@ class RealmKnowledgeAugmentedMLMConfig(CompositeConfig):
             Add the null document as candidate k + 1.
         doc_max_length (`int`, *optional*, defaults to 64):
             Tokens per retrieved document in the reader's input.
+        marginalization (`str`, *optional*, defaults to `"span"`):
+            `"span"`: log sum_z p(z|x) prod_t p(y_t|z,x), the paper's p(y|x) (the masked span is predicted from one
+            document). `"token"`: sum_t log sum_z p(z|x) p(y_t|z,x), as REALM's released code and transformers' old
+            RealmKnowledgeAugEncoder (each masked token marginalised over the documents on its own; the loss is the
+            mean over masked tokens).
     """
 
     model_type = "realm_knowledge_augmented_mlm"
@@ -44,7 +49,7 @@ class RealmKnowledgeAugmentedMLMConfig(CompositeConfig):
         "mlm_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
         "embedder_config": SubConfigSpec(config_class=AutoConfig, model_type=RetrieverEmbedderConfig.model_type),
     }
-    keys_to_ignore_at_inference = ["doc_ids"]
+    keys_to_ignore_at_inference = ["doc_ids", "num_truncated_documents"]
 
     mlm_config: PreTrainedConfig | dict | None = None
     mlm_class: str = "BertForMaskedLM"
@@ -55,11 +60,17 @@ class RealmKnowledgeAugmentedMLMConfig(CompositeConfig):
     k: int = 8
     add_null: bool = True
     doc_max_length: int = 64
+    marginalization: str = "span"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.k < 1:
             raise ValueError(f"k={self.k}: retrieve at least one document per query.")
+        if self.marginalization not in ("span", "token"):
+            raise ValueError(
+                f"marginalization={self.marginalization!r}: use 'span' (the paper's product over the masked span) or "
+                "'token' (REALM's released code: each masked token marginalised on its own)."
+            )
 
     @property
     def hidden_size(self) -> int:

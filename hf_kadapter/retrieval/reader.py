@@ -1,7 +1,8 @@
 """Open-domain QA reader after REALM / ORQA: span scoring over the top-k retrieved documents.
 
-Each retrieved document z is read as "[CLS] question [SEP] document [SEP]" by an encoder (any BERT-like
-`AutoModel`, or a K-Adapter model: its `last_hidden_state` is used). A span (s, e) inside the document part,
+Each retrieved document z is read as "[CLS] question [SEP] title [SEP] text [SEP]" (the title as the retriever's
+embedder reads it) by an encoder (any BERT-like `AutoModel`, or a K-Adapter model: its `last_hidden_state` is
+used). A span (s, e) inside the document part (title or text, never across the separator),
 at most `max_span_width` tokens long, gets the score S(s, e, z) = MLP([h_s; h_e]) (one hidden layer of
 `span_hidden_size`, 256 in REALM, ReLU) plus the retrieval score f(x, z). All spans of all k documents share
 one softmax (REALM's / ORQA's joint reader distribution p(span, z | x)), and the training loss is the marginal
@@ -14,6 +15,7 @@ masked out of the loss (`has_answer` says which), or `on_missing="raise"` raises
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,21 @@ from ..utils.modeling import (
 from .configuration_reader import OpenQAReaderConfig
 
 NEG_INF = -1e9
+logger = logging.getLogger(__name__)
+
+
+def usable_positions(config: Any) -> int | None:
+    """How many tokens a BERT-like model reads: max_position_embeddings, less RoBERTa's offset (its positions start
+    after the padding index). None when the config does not say (then nothing is checked)."""
+    base = getattr(config, "base_config", None)
+    if getattr(config, "max_position_embeddings", None) is None and base is not None:
+        config = base  # K-Adapter models keep the base's config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if any(name in str(getattr(config, "model_type", "")) for name in ("roberta", "camembert")):
+        positions -= (getattr(config, "pad_token_id", None) or 1) + 1
+    return positions
 
 
 def _hidden_size(encoder: nn.Module) -> int:
@@ -163,7 +180,8 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
             base_model=config.encoder_name_or_path if is_hub_id(config.encoder_name_or_path) else None,
             tags=["question-answering", "open-domain-qa", "realm", LIBRARY_NAME],
             body=(
-                f'A `{config.encoder_class}` reads "[CLS] question [SEP] document [SEP]" for each retrieved document; '
+                f'A `{config.encoder_class}` reads "[CLS] question [SEP] title [SEP] text [SEP]" for each retrieved '
+                "document; "
                 f"every span of at most {config.max_span_width} tokens is scored by an MLP (hidden "
                 f"{config.span_hidden_size}) over its start and end states"
                 + (", plus the retrieval score f(x, z)" if config.use_retrieval_score else "")
@@ -216,10 +234,12 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
         doc_valid: torch.Tensor | None = None,
         answer_mask: torch.Tensor | None = None,
         on_missing: str = "mask",
+        doc_truncated: torch.Tensor | None = None,
         **encoder_kwargs: Any,
     ) -> ReaderOutput:
         """Inputs are [B, k, L] ([B, k, L, H] for inputs_embeds); retrieval_scores / doc_valid [B, k];
-        answer_mask [B, k, L, W] (from `prepare_reader_inputs`) gives the loss."""
+        answer_mask [B, k, L, W] (from `prepare_reader_inputs`) gives the loss. `doc_truncated` (from
+        prepare_reader_inputs) is informative only."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None or doc_mask is None:
             raise ValueError("OpenQAReader needs input_ids (or inputs_embeds) and doc_mask")
@@ -228,6 +248,12 @@ class OpenQAReader(OpenQAReaderPreTrainedModel):
             raise ValueError(
                 f"doc_mask has shape {tuple(doc_mask.shape)} but the inputs are (batch, k, length) = {(batch, k, length)}: "
                 "it marks the document tokens of these very inputs (build both with prepare_reader_inputs)."
+            )
+        positions = usable_positions(self.encoder.config)
+        if positions is not None and length > positions:
+            raise ValueError(
+                f"The reader's inputs have {length} tokens but its encoder reads at most {positions}: build them with "
+                f"prepare_reader_inputs(..., max_length={positions}) (documents are cut to fit, questions never)."
             )
 
         def flat(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -300,21 +326,36 @@ def prepare_reader_inputs(
     max_length: int = 288,
     max_span_width: int = 10,
     whole_words: bool = True,
+    titles: Sequence[Sequence[str | None]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tokenise "[CLS] question [SEP] document [SEP]" for each of the k documents of each question.
+    """Tokenise "[CLS] question [SEP] title [SEP] text [SEP]" for each of the k documents of each question.
 
-    documents: [B][k] texts (None for padding, e.g. RetrievalOutput.texts). Returns input_ids, attention_mask,
-    token_type_ids, doc_mask (document tokens, no [SEP]/[PAD]) [B, k, L], doc_valid [B, k], and with
-    `answers` answer_mask [B, k, L, W]: spans whose token ids equal a tokenised answer (answers are matched on
-    the tokenizer's normalised tokens, so "Paris" matches "paris" with an uncased tokenizer). `whole_words`:
-    a match must not start or end inside a word (WordPiece "##" continuation tokens), so "pa" does not match
-    the start of "paris"; other subword schemes are matched on tokens only.
+    documents: [B][k] texts (None for padding, e.g. RetrievalOutput.texts); titles: [B][k] titles (e.g.
+    RetrievalOutput.titles), read before the text and separated from it by the tokenizer's separator, as the
+    retriever's embedder reads "title [SEP] text" (an empty or None title adds nothing). Answers can be found in the
+    title too, never across the separator. Only the document side is truncated to `max_length`: `doc_truncated`
+    [B, k] says which documents were cut (and how many is logged); a question that leaves no room for a document is
+    refused. Returns input_ids, attention_mask, token_type_ids, doc_mask (title and text tokens, no [SEP]/[PAD])
+    [B, k, L], doc_valid [B, k], doc_truncated [B, k], and with `answers` answer_mask [B, k, L, W]: spans whose token
+    ids equal a tokenised answer (answers are matched on the tokenizer's normalised tokens, so "Paris" matches
+    "paris" with an uncased tokenizer). `whole_words`: a match must not start or end inside a word (WordPiece "##"
+    continuation tokens), so "pa" does not match the start of "paris"; other subword schemes are matched on tokens
+    only.
     """
     batch, k = len(questions), len(documents[0])
     if any(len(docs) != k for docs in documents):
         raise ValueError("every question needs the same number of documents (pad with None)")
+    if titles is not None and [len(t) for t in titles] != [len(d) for d in documents]:
+        raise ValueError("titles must have the same [B][k] shape as documents (None where there is no title)")
     firsts = [q for q in questions for _ in range(k)]
     seconds = [d or "" for docs in documents for d in docs]
+    if titles is not None:
+        separator = tokenizer.sep_token or tokenizer.eos_token
+        if separator is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no sep (or eos) token to put between title and text.")
+        flat_titles = [t for row in titles for t in row]
+        seconds = [f"{t} {separator} {d}" if t else d for t, d in zip(flat_titles, seconds, strict=True)]
+    doc_truncated = _check_pair_lengths(tokenizer, questions, firsts, seconds, max_length)
     enc = tokenizer(
         firsts,
         seconds,
@@ -336,6 +377,7 @@ def prepare_reader_inputs(
         "token_type_ids": types.view(batch, k, length),
         "doc_mask": doc_mask.view(batch, k, length),
         "doc_valid": torch.tensor([[d is not None for d in docs] for docs in documents], dtype=torch.bool),
+        "doc_truncated": doc_truncated.view(batch, k),
     }
     if answers is not None:
         mask = torch.zeros(batch * k, length, max_span_width, dtype=torch.bool)
@@ -360,6 +402,33 @@ def prepare_reader_inputs(
                     mask[row, s, width - 1] = True
         out["answer_mask"] = mask.view(batch, k, length, max_span_width)
     return out
+
+
+def _check_pair_lengths(
+    tokenizer: Any, questions: Sequence[str], firsts: list[str], seconds: list[str], max_length: int
+) -> torch.Tensor:
+    """Which (question, document) pairs exceed `max_length` (their documents get cut, and the count is logged); a
+    question too long to leave room for one document token is refused."""
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    question_lengths = [len(ids) for ids in tokenizer(list(questions), add_special_tokens=False)["input_ids"]]
+    longest = max(question_lengths, default=0)
+    if longest + special >= max_length:
+        row = question_lengths.index(longest)
+        raise ValueError(
+            f"Question {row} has {longest} tokens: with the {special} special tokens it leaves no room for a document "
+            f"in max_length={max_length}. Shorten the question or raise max_length (within the encoder's positions)."
+        )
+    k = len(firsts) // max(len(questions), 1)
+    doc_lengths = [len(ids) for ids in tokenizer(seconds, add_special_tokens=False)["input_ids"]]
+    truncated = torch.tensor(
+        [question_lengths[i // k] + d + special > max_length for i, d in enumerate(doc_lengths)], dtype=torch.bool
+    )
+    if bool(truncated.any()):
+        logger.warning(
+            "%d of %d question + document pairs are longer than max_length=%d: their documents were cut.",
+            int(truncated.sum()), len(truncated), max_length,
+        )  # fmt: skip
+    return truncated
 
 
 def best_spans(span_logits: torch.Tensor) -> list[tuple[int, int, int, float]]:
@@ -392,7 +461,12 @@ def predict(
     with eval_mode(reader, getattr(retriever, "embedder", None)):
         retrieval = retriever.retrieve(list(questions), k=k)
         inputs = prepare_reader_inputs(
-            tokenizer, questions, retrieval.texts, max_length=max_length, max_span_width=reader.max_span_width
+            tokenizer,
+            questions,
+            retrieval.texts,
+            max_length=max_length,
+            max_span_width=reader.max_span_width,
+            titles=retrieval.titles,
         )
         device = next(reader.parameters()).device
         inputs = {key: value.to(device) for key, value in inputs.items()}

