@@ -86,6 +86,25 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype!r}: embedding in half precision takes torch.bfloat16 or torch.float16.")
+    return resolved
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | str | None) -> contextlib.AbstractContextManager:
+    """torch.autocast in `dtype` on the embedder's device (a no-op context for None: float32 as the weights are)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_dtype(dtype))
+
+
+def _differing(previous: dict[str, Any], state: dict[str, Any]) -> list[str]:
+    """The build settings a recorded state does not share with this build (compute_dtype is absent for float32)."""
+    return sorted(key for key in {*state, "compute_dtype"} if previous.get(key) != state.get(key))
+
+
 def _column(rows: Any, name: str, default: str = "") -> list[str]:
     """A text column of a batch of rows (dict of lists or list of dicts); missing or None values give `default`."""
     if isinstance(rows, Mapping):
@@ -220,11 +239,14 @@ class RealmStyleRetriever(HubMixin):
         embedder: nn.Module | None = None,
         output_dir: str | os.PathLike | None = None,
         rows: Sequence[int] | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> torch.Tensor:
         """Document embeddings [len(rows), D] (float32, CPU) in batches; with `output_dir`, each batch is written
         atomically as `chunk-{start}-{size}.safetensors` and read back instead of embedded when the build resumes
         (a chunk file that is damaged or of another shape is embedded again). Non-finite embeddings are refused,
-        naming the documents."""
+        naming the documents. `dtype` (torch.bfloat16 / torch.float16) runs the embedder under torch.autocast in
+        that precision: several times faster where half-precision matmuls are, its float32 weights untouched (a
+        training embedder needs no half copy); the accuracy cost is measured in docs/performance.md."""
         embedder = self.embedder if embedder is None else embedder
         if rows is None:
             check_corpus(dataset)  # (build_index checks once, then passes rows batch by batch)
@@ -233,6 +255,7 @@ class RealmStyleRetriever(HubMixin):
         device = self._device(embedder)
         rows = list(range(len(dataset))) if rows is None else list(rows)
         folder = None if output_dir is None else Path(output_dir)
+        precision = _autocast(device, dtype)
         pieces = []
         try:
             for start in tqdm(
@@ -248,7 +271,8 @@ class RealmStyleRetriever(HubMixin):
                 selected = dataset.select(block) if hasattr(dataset, "select") else [dataset[i] for i in block]
                 inputs = self.tokenize_documents(_column(selected, "title"), _column(selected, "text"), max_length)
                 inputs = {key: value.to(device) for key, value in inputs.items()}
-                embeddings = embedder.embed_documents(**inputs).float().cpu()
+                with precision:
+                    embeddings = embedder.embed_documents(**inputs).float().cpu()
                 check_finite_rows(embeddings, "The embeddings of documents", _column(selected, "id"))
                 if chunk is not None:
                     save_tensors_atomic(chunk, {"embeddings": embeddings})
@@ -283,6 +307,7 @@ class RealmStyleRetriever(HubMixin):
         embedder: nn.Module | None = None,
         set_index: bool = True,
         distributed: bool = True,
+        dtype: torch.dtype | str | None = None,
         **index_kwargs: Any,
     ) -> DocumentIndex:
         """Embed every document of `dataset` (columns id, title, text) and build a `DocumentIndex`.
@@ -299,7 +324,8 @@ class RealmStyleRetriever(HubMixin):
         otherwise embeddings are exchanged with all_gather_object. `embedder` overrides self.embedder (used by the
         refresh callback with a snapshot); `set_index=False` returns the index without installing it;
         `distributed=False` embeds everything in this process with no collective calls (required off the main
-        thread, e.g. in IndexRefreshCallback). `index_kwargs` go to DocumentIndex.
+        thread, e.g. in IndexRefreshCallback). `dtype` embeds in half precision (see embed_corpus; recorded in the
+        build state, so a resumed build never mixes precisions). `index_kwargs` go to DocumentIndex.
         """
         corpus_digest = check_corpus(dataset)
         rank, world = _distributed() if distributed else (0, 1)
@@ -309,8 +335,9 @@ class RealmStyleRetriever(HubMixin):
             lock.enter_context(build_lock(folder))
         with lock:
             index = self._build_index(
-                dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
-            )
+                dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs,
+                dtype=dtype,
+            )  # fmt: skip
         if set_index:
             self.index = index
             self.documents = dataset  # the new corpus, a list included: retrieve returns its texts
@@ -318,8 +345,9 @@ class RealmStyleRetriever(HubMixin):
         return index
 
     def _build_index(
-        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
-    ) -> DocumentIndex:
+        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs,
+        dtype=None,
+    ) -> DocumentIndex:  # fmt: skip
         # Every weight, in its own dtype: chunks embedded by another snapshot (or dtype) are never reused.
         embedder_fingerprint = native_fingerprint((self.embedder if embedder is None else embedder).state_dict().items())
         total = len(dataset)
@@ -336,12 +364,14 @@ class RealmStyleRetriever(HubMixin):
                 "embedder_fingerprint": embedder_fingerprint,
                 "corpus_digest": corpus_digest,
             }
+            if dtype is not None:  # (absent for float32: states written before this option still resume)
+                state["compute_dtype"] = str(_dtype(dtype)).removeprefix("torch.")
             state_path = folder / STATE_NAME
             if rank == 0:
                 if state_path.is_file():
                     previous = read_json(state_path)
-                    if any(previous.get(key) != value for key, value in state.items()):
-                        differ = sorted(key for key, value in state.items() if previous.get(key) != value)
+                    differ = _differing(previous, state)
+                    if differ:
                         raise ValueError(
                             f"{folder} holds a build with different settings (differs in {differ}): its chunks "
                             "cannot be reused. Use another output_dir, or delete this one to start afresh."
@@ -353,7 +383,7 @@ class RealmStyleRetriever(HubMixin):
             if world > 1:
                 torch.distributed.barrier()  # the others start once rank 0 holds the folder and checked its state
                 previous = read_json(state_path)
-                if any(previous.get(key) != value for key, value in state.items()):
+                if _differing(previous, state):
                     raise ValueError(f"{folder} holds a build with different settings than this rank's.")
         # embed_corpus writes one chunk per call-batch: pass rank-local batches one by one so chunk names match.
         pieces = {}
@@ -368,6 +398,7 @@ class RealmStyleRetriever(HubMixin):
                     embedder=embedder,
                     output_dir=folder,
                     rows=block,
+                    dtype=dtype,
                 )
             bar.update(1)
         bar.close()
