@@ -1,27 +1,28 @@
 """One epoch of factual adapter pretraining with and without the feature cache, on the same data.
 
 The base is random (weights do not change the cost) and frozen; the adapter and head train with the standard
-`transformers.Trainer` (AdamW, default dropout). The one-off cache build is timed separately, with the cache's size
-on disk. Each epoch is timed `--repeats` times per mode, alternating, and the best counts (other work on a shared
-machine only ever adds time). The weights trained with and without the cache are compared: they must agree, as the
-cache only replaces the frozen base's forward (eval mode, no dropout) by a read. Every number printed is measured
-in this run.
+`transformers.Trainer` (fused AdamW, default dropout). Each cache (one per storage dtype, `--dtypes`) is built once,
+timed apart, with its size on disk. Epochs are timed `--repeats` times per mode (plain, then one per cache dtype),
+the modes in turn and their order reversed every other round; the best of each counts (other work on a shared
+machine only ever adds time). The weights trained with and without the cache are compared: with a float32 cache they
+must be identical (the cache only replaces the frozen base's forward, eval mode, no dropout, by a read); a half
+precision cache's difference is reported. Every number printed is measured in this run.
 
-The default base has the shape of all-MiniLM-L6-v2 (hidden 384, 6 layers, 12 heads), so a run fits well within
-3 minutes on 2 quiet CPU cores (BERT-base, below, takes several). The adapter keeps the released K-Adapter's depth
-(3 taps x 2 transformer layers) and is sized so that its parameters are about the same share of the base's
+The default base has the shape of all-MiniLM-L6-v2 (hidden 384, 6 layers, 12 heads), so a run fits within a few
+minutes on 2 CPU cores (BERT-base, below, takes several times longer). The adapter keeps the released K-Adapter's
+depth (3 taps x 2 transformer layers) and is sized so that its parameters are about the same share of the base's
 encoder layers as the released adapter's of RoBERTa-large (47M / 302M = 0.16); the script prints the ratio used.
 The speed-up grows with the base's share of the work. BERT-base with the same proportions:
 
-    PYTHONPATH=. python benchmarks/bench_feature_cache.py
-    PYTHONPATH=. python benchmarks/bench_feature_cache.py --hidden 768 --layers 12 --adapter-hidden 384 --adapter-heads 6
+    python benchmarks/bench_feature_cache.py --json feature_cache_minilm.json
+    python benchmarks/bench_feature_cache.py --hidden 768 --layers 12 --adapter-hidden 384 --adapter-heads 6
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import Clock, MiB, add_common_arguments, start, write_json
 from datasets import Dataset
 from transformers import BertConfig, Trainer, TrainerCallback, TrainingArguments
 
@@ -42,7 +44,7 @@ VOCAB = 1000
 NUM_RELATIONS = 8
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -53,10 +55,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--adapter-heads", type=int, default=2)
     parser.add_argument("--adapter-layers", type=int, default=2, help="transformer layers per adapter layer")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="cache dtype")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=2, help="epochs timed per mode (the best counts)")
-    return parser.parse_args()
+    parser.add_argument(
+        "--dtypes", default="float32,float16", help="cache storage dtypes, comma-separated (float32, float16, bfloat16)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="epochs timed per mode (the best counts)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command = None if argv is None else [sys.executable, __file__, *argv]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not args.dtypes or any(d not in ("float32", "float16", "bfloat16") for d in args.dtypes):
+        parser.error(f"--dtypes takes float32, float16 and/or bfloat16, got {args.dtypes}")
+    return args
 
 
 def make_model(args: argparse.Namespace) -> KAdapterForFactualPretraining:
@@ -110,13 +119,17 @@ def pad_collate(features: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class EpochTimer(TrainerCallback):
-    """Wall time from the epoch's start to its end: data loading and steps, not Trainer's one-off setup."""
+    """Time from the epoch's start to its end (data loading and steps, not Trainer's one-off setup), on the
+    benchmarks' clock (benchmarks/_common.py: process CPU time with one thread on a CPU, else wall time)."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
 
     def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.start = time.perf_counter()
+        self.start = self.clock()
 
     def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds = time.perf_counter() - self.start
+        self.seconds = self.clock() - self.start
 
 
 def train_one_epoch(
@@ -133,13 +146,13 @@ def train_one_epoch(
         learning_rate=1e-4,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=torch.device(args.device).type == "cpu",
         seed=SEED,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,
         logging_strategy="no",
     )
-    timer = EpochTimer()
+    timer = EpochTimer(Clock(args.device))
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator, callbacks=[timer])
     trainer.train()
     return timer.seconds
@@ -153,56 +166,77 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device, info = start(args, "feature_cache")
     dataset = make_dataset(args)
-    model = make_model(args)
+    model = make_model(args).to(device)
     core = model.kadapter
     encoder = getattr(core.pretrained_model, "encoder", core.pretrained_model)
+    steps = -(-args.examples // args.batch_size)
     print(
-        f"torch {torch.__version__} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads\n"
-        f"data: {args.examples} examples x {args.seq_len} tokens, batch {args.batch_size} "
-        f"({-(-args.examples // args.batch_size)} steps/epoch)\n"
+        f"data: {args.examples} examples x {args.seq_len} tokens, batch {args.batch_size} ({steps} steps/epoch)\n"
         f"base: random BERT hidden {args.hidden}, {args.layers} layers, {args.heads} heads, FFN {4 * args.hidden} "
         f"({count(core.pretrained_model) / 1e6:.1f}M params, frozen)\n"
         f"adapter: taps {default_tap_layers(args.layers)}, {args.adapter_layers} layers x hidden {args.adapter_hidden} "
         f"per tap ({count(core.adapters) / 1e6:.2f}M params, {count(core.adapters) / count(encoder):.2f} x the "
-        f"base's encoder layers); cache dtype {args.dtype}"
+        f"base's encoder layers); the cache holds hidden states {model.cached_hidden_state_indices()} of "
+        f"{args.layers + 1} (the taps and the last layer)"
     )
     work = Path(tempfile.mkdtemp(prefix="bench-feature-cache-"))
+    caches, builds, disks = {}, {}, {}
     try:
-        start = time.perf_counter()
-        cache = build_feature_cache(model, dataset, work / "cache", batch_size=args.batch_size, dtype=args.dtype)
-        build_s = time.perf_counter() - start
-        print(f"cache build (one-off): {build_s:.1f} s, {cache.disk_bytes() / 2**20:.1f} MiB on disk, {cache}")
-
-        attached = cache.attach(dataset)
-        times: dict[str, list[float]] = {"plain": [], "cached": []}
+        for dtype in args.dtypes:
+            began = time.perf_counter()
+            caches[dtype] = build_feature_cache(model, dataset, work / "cache", batch_size=args.batch_size, dtype=dtype)
+            builds[dtype] = time.perf_counter() - began
+            disks[dtype] = caches[dtype].disk_bytes()
+            print(f"cache build, {dtype} (one-off): {builds[dtype]:.1f} s, {disks[dtype] / MiB:.1f} MiB on disk")
+        modes = ["plain", *args.dtypes]
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         weights: dict[str, dict[str, torch.Tensor]] = {}
-        for repeat in range(args.repeats):  # alternating, so a burst of load elsewhere hits both the same way
-            for mode in ("plain", "cached") if repeat % 2 == 0 else ("cached", "plain"):
-                model = make_model(args)  # same initial weights and data order: only the base forward differs
+        for repeat in range(args.repeats):  # in turn, so a burst of load elsewhere hits every mode alike
+            for mode in modes if repeat % 2 == 0 else modes[::-1]:
+                model = make_model(args).to(device)  # same initial weights and data order: only the base forward differs
                 if mode == "plain":
                     seconds = train_one_epoch(model, dataset, pad_collate, args, work / mode)
                 else:
-                    collator = CachedFeatureCollator(pad_collate, cache, model=model)
-                    seconds = train_one_epoch(model, attached, collator, args, work / mode)
+                    collator = CachedFeatureCollator(pad_collate, caches[mode], model=model)
+                    seconds = train_one_epoch(model, caches[mode].attach(dataset), collator, args, work / mode)
                 times[mode].append(seconds)
                 weights[mode] = trainable(model)
-        drift = max((weights["plain"][k] - weights["cached"][k]).abs().max().item() for k in weights["plain"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    steps = -(-args.examples // args.batch_size)
-    plain_s, cached_s = min(times["plain"]), min(times["cached"])
-    for label, mode, best in (("without cache:", "plain", plain_s), ("with cache:", "cached", cached_s)):
-        runs = ", ".join(f"{t:.1f}" for t in times[mode])
-        print(f"epoch {label:<14} {best:.1f} s ({best / steps * 1000:.0f} ms/step; best of {runs} s)")
-    saved = plain_s - cached_s
-    payback = f"the build pays for itself after {build_s / saved:.2f} epochs" if saved > 0 else "no time saved"
-    print(f"epoch speed-up: {plain_s / cached_s:.2f}x ({payback})")
-    print(f"max |trained weight difference| between an epoch with and one without the cache: {drift:.2e}")
+    best = {mode: min(values) for mode, values in times.items()}
+    figures: dict[str, Any] = {"steps_per_epoch": steps, "epoch_s": best, "epoch_s_all": times, "caches": {}}
+    print(f"epoch without cache: {best['plain']:.2f} s (best of {', '.join(f'{t:.2f}' for t in times['plain'])})")
+    float32_disk = disks.get("float32")
+    for dtype in args.dtypes:
+        drift = max((weights["plain"][k] - weights[dtype][k]).abs().max().item() for k in weights["plain"])
+        disk = disks[dtype]
+        entry = {
+            "build_s": builds[dtype],
+            "disk_mib": disk / MiB,
+            "disk_over_float32": None if float32_disk is None else disk / float32_disk,
+            "epoch_over_plain": best[dtype] / best["plain"],
+            "speed_up": best["plain"] / best[dtype],
+            "max_trained_weight_difference": drift,
+            "identical_trained_weights": all(torch.equal(weights["plain"][k], weights[dtype][k]) for k in weights[dtype]),
+        }
+        saved = best["plain"] - best[dtype]
+        entry["payback_epochs"] = builds[dtype] / saved if saved > 0 else None
+        figures["caches"][dtype] = entry
+        print(
+            f"epoch with the {dtype} cache: {best[dtype]:.2f} s (best of {', '.join(f'{t:.2f}' for t in times[dtype])})"
+            f" = {entry['epoch_over_plain']:.2f} of an epoch without ({entry['speed_up']:.2f}x faster); "
+            f"disk {entry['disk_mib']:.1f} MiB"
+            + ("" if entry["disk_over_float32"] is None else f" ({entry['disk_over_float32']:.2f} of float32)")
+            + f"; trained weights {'IDENTICAL to' if entry['identical_trained_weights'] else 'differ from'} the "
+            f"uncached run's (max |difference| {drift:.2e})"
+        )
+    write_json(args.json, info, figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -10,23 +10,23 @@ on a warm page cache, the best of `--repeats` runs of:
 * check: the one-view comparison done at every load (`tensors_match_fingerprint`), float32 and float16 bases;
 * native fingerprint: the one-view identity used for feature-cache keys and resumed index builds.
 
-It prints the seconds and the ratios to the load times, and writes them as JSON (`--output`).
+It prints the seconds and the ratios to the load times, and writes them as JSON (`--json`). Fingerprints hash
+weights in host memory: `--device cuda` is accepted for uniformity, the hashing itself runs on the CPU.
 
-    PYTHONPATH=. python benchmarks/bench_fingerprint.py --output bench_fingerprint.json
+    PYTHONPATH=. python benchmarks/bench_fingerprint.py --json bench_fingerprint.json
     PYTHONPATH=. python benchmarks/bench_fingerprint.py --shapes bert-base --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _common import add_common_arguments, start, write_json
 from transformers import AutoModel, BertConfig, BertModel, RobertaConfig, RobertaModel
 from transformers.utils import logging as hf_logging
 
@@ -92,20 +92,19 @@ def measure(name: str, repeats: int) -> dict[str, float | int | str]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--output", default="bench_fingerprint.json", help="where the JSON results go")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    add_common_arguments(parser, json_default="bench_fingerprint.json")
+    parser.add_argument("--output", dest="json", help="the same as --json (its earlier name)")
+    args = parser.parse_args(argv)
+    args.command = None if argv is None else [sys.executable, __file__, *argv]
+    _, info = start(args, "fingerprint")
+    info["clock"] = f"wall time (time.perf_counter), best of {args.repeats} (loading includes reading the files)"
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": args.threads},
-        "shapes": [measure(name, args.repeats) for name in args.shapes],
-    }
+    results = {"shapes": [measure(name, args.repeats) for name in args.shapes]}
     for row in results["shapes"]:
         print(
             f"{row['shape']:>13}: {row['parameters'] / 1e6:.0f}M parameters | load {row['load_s']:.3f}s, load+forward "
@@ -114,8 +113,8 @@ def main() -> None:
             f"{row['check_float32_s']:.3f}s fp32 / {row['check_float16_s']:.3f}s fp16 ({row['check_over_load']}x "
             f"load, {row['check_over_load_and_forward']}x load+forward) | native {row['native_fingerprint_s']:.3f}s"
         )
-    Path(args.output).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.output}")
+    write_json(args.json, info, results)
+    return results
 
 
 if __name__ == "__main__":

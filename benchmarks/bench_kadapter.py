@@ -1,36 +1,40 @@
-"""Cost of a K-Adapter training step next to a plain base forward and a full fine-tuning step.
+"""Cost of a K-Adapter training step next to a plain base forward, the estimate "base forward + 3 x adapter forward"
+and a full fine-tuning step.
 
-For each model size, on one fixed batch, four measurements run, each in a fresh spawned process (so that their
-peak memory can be told apart): the base forward alone, the adapter forward alone on precomputed hidden states,
-a K-Adapter pretraining step (frozen base, forward + backward + AdamW) and a full fine-tuning step (base
-unfrozen). Times are medians over `--repeats` steps after `--warmup` steps; every ratio is measured in this run.
+For each size, on one fixed batch, these run side by side in ONE process, interleaved (each round runs every one
+once, the order reversed every other round; the best round of each counts, as other load only ever adds time):
 
-    PYTHONPATH=. python benchmarks/bench_kadapter.py --sizes small,paper
+* base_forward      the base alone (no_grad, eval);
+* adapter_forward   the adapter alone on precomputed hidden states (no_grad, eval): the estimate's unit;
+* kadapter_step     a K-Adapter pretraining step: frozen base forward + adapter and head forward/backward + fused AdamW;
+* cached_step       the same step on precomputed hidden states (what the feature cache gives: no base forward);
+* optimizer_step    fused AdamW over the adapter and head alone (part of the step, outside the estimate);
+* no_dropout_step   the K-Adapter step with the adapter's and head's dropout off (eval mode): what dropout costs
+                    (on CPUs attention dropout also forces SDPA's unfused path);
+* full_step         full fine-tuning of the same model (base unfrozen);
+* half_base_step    (with --half-base) the K-Adapter step with the base in bfloat16 (cast_base).
+
+Peak memory is measured apart, in a fresh spawned process per step kind (a peak must be the step's own).
+
+    python benchmarks/bench_kadapter.py --sizes small,paper --json bench_kadapter.json
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import multiprocessing
-import os
-import resource
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from _common import MemoryProbe, MiB, add_common_arguments, interleaved, start, write_json
 from transformers import BertConfig, RobertaConfig
 
 from hf_kadapter import KAdapterConfig, KAdapterForFactualPretraining, KAdapterModel, KnowledgeAdapterConfig
 from hf_kadapter.kadapter import default_tap_layers
 
-MiB = 2**20
 SEED = 0
 NUM_RELATIONS = 8  # relation classes of the factual head (their number barely changes the cost)
 PAD_ID = 1  # RoBERTa's padding id (BERT ignores it: padding is given by the attention mask)
@@ -39,9 +43,14 @@ MEASUREMENTS = {
     "base_forward": "base forward (no_grad, eval)",
     "adapter_forward": "adapter forward alone (no_grad)",
     "kadapter_step": "K-Adapter step (frozen base)",
+    "cached_step": "  the step on cached hidden states",
+    "optimizer_step": "  of which fused AdamW",
+    "no_dropout_step": "  the step without dropout",
     "full_step": "full fine-tuning step",
+    "half_base_step": "K-Adapter step, bfloat16 base",
 }
-Batch = dict[str, list]
+MEMORY_KINDS = ("base_forward", "kadapter_step", "full_step", "half_base_step")
+Batch = dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,160 +96,110 @@ def make_batch(batch_size: int, seq_len: int) -> Batch:
         attention_mask[row, :length] = 1
         input_ids[row, length:] = PAD_ID
     return {
-        "input_ids": input_ids.tolist(),
-        "attention_mask": attention_mask.tolist(),
-        "subject_positions": [1] * batch_size,
-        "object_positions": [length // 2 for length in lengths],
-        "labels": torch.randint(0, NUM_RELATIONS, (batch_size,), generator=generator).tolist(),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "subject_positions": torch.ones(batch_size, dtype=torch.long),
+        "object_positions": torch.tensor([length // 2 for length in lengths]),
+        "labels": torch.randint(0, NUM_RELATIONS, (batch_size,), generator=generator),
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Memory probes
-# ---------------------------------------------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class MemoryProbe:
-    """Peak memory of the code run between `start()` and `peak()`, plus what was held when it started.
-
-    CUDA: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve).
-    CPU: the process's resident set (Linux VmHWM after resetting it through /proc/self/clear_refs); where that
-    reset is impossible, ru_maxrss, which then also covers model construction.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.exact = True
-        self.origin = self._current()
-
-    def _current(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        rss = _proc_status_kib("VmRSS")
-        return (rss or 0) * 1024
-
-    def start(self) -> int:
-        """Reset the peak; returns the memory held now (model weights and inputs), relative to the origin."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.exact = False
-        return self._current() - self.origin
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.origin
-        hwm = _proc_status_kib("VmHWM") if self.exact else None
-        if hwm is None:
-            self.exact = False
-            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return maxrss * (1 if sys.platform == "darwin" else 1024) - self.origin
-        return hwm * 1024 - self.origin
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One measurement (runs in its own spawned process)
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Measurement:
-    """What one spawned process measured: step times in seconds and memory in bytes."""
-
-    times: list[float]
-    held_bytes: int  # memory held before the steps: weights, inputs (and on CPU the interpreter's growth)
-    peak_bytes: int  # peak during warmup + timed steps, same origin as held_bytes
-    trainable: int
-    exact_memory: bool
-
-
 def _training_step(
-    model: KAdapterForFactualPretraining, inputs: dict[str, torch.Tensor]
-) -> tuple[Callable[[], None], int]:
-    """A step over the parameters the model trains now (AdamW), and how many there are."""
+    model: KAdapterForFactualPretraining, inputs: Batch, dropout: bool = True
+) -> tuple[Callable[[], None], Any, int]:
+    """A step over the parameters the model trains now with fused AdamW (what Trainer uses by default), the
+    optimizer, and how many parameters train. `dropout=False` runs it in eval mode (no dropout anywhere)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    model.train()
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type in ("cpu", "cuda"))
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
+        model.train(dropout)
         model(**inputs).loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in params)
+    return step, optimizer, sum(p.numel() for p in params)
 
 
-def measure(size: str, kind: str, batch: Batch, device_name: str, warmup: int, repeats: int) -> Measurement:
-    """Build the size's model (same seed everywhere), then time `kind` on the batch."""
-    device = torch.device(device_name)
-    probe = MemoryProbe(device)
-    torch.manual_seed(SEED)
-    model = KAdapterForFactualPretraining(build_config(size)).to(device)
-    inputs = {key: torch.tensor(value, device=device) for key, value in batch.items()}
+def make_steps(size: str, batch: Batch, device: torch.device, kinds: list[str]) -> tuple[dict[str, Callable], dict]:
+    """Every measurement of `kinds` as a callable, on models built with the same seed; and trainable counts."""
+    inputs = {key: value.to(device) for key, value in batch.items()}
     base_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    steps: dict[str, Callable[[], None]] = {}
+    trainable: dict[str, int] = {}
+
+    def fresh() -> KAdapterForFactualPretraining:
+        torch.manual_seed(SEED)
+        return KAdapterForFactualPretraining(build_config(size)).to(device)
+
+    model = fresh()
     base = model.kadapter.pretrained_model
-    trainable = 0
+    with torch.no_grad():
+        base.eval()
+        hidden_states = base(**base_inputs, output_hidden_states=True).hidden_states
+    indices = model.cached_hidden_state_indices()
+    cached = torch.stack([hidden_states[i] for i in indices], dim=1)  # (batch, S, seq, hidden): a cache's batch
+    if "base_forward" in kinds:
 
-    if kind == "base_forward":
-        model.eval()
-
-        def step() -> None:
+        def base_forward() -> None:
             with torch.no_grad():
                 base(**base_inputs)
 
-    elif kind == "adapter_forward":
-        model.eval()
+        steps["base_forward"] = base_forward
+    if "adapter_forward" in kinds:
         adapter = model.kadapter.adapters[model.pretraining_adapter]
-        with torch.no_grad():
-            hidden_states = base(**base_inputs, output_hidden_states=True).hidden_states
-        dtype = hidden_states[-1].dtype
-        mask = inputs["attention_mask"][:, None, None, :].to(dtype)
-        bias = (1.0 - mask) * torch.finfo(dtype).min  # as KAdapterModel.forward builds it
+        mask = inputs["attention_mask"][:, None, None, :].to(cached.dtype)
+        bias = (1.0 - mask) * torch.finfo(cached.dtype).min  # as KAdapterModel builds it
 
-        def step() -> None:
+        def adapter_forward() -> None:
+            was = adapter.training
+            adapter.eval()
             with torch.no_grad():
                 adapter(hidden_states, bias)
+            adapter.train(was)
 
-    elif kind == "kadapter_step":
-        step, trainable = _training_step(model, inputs)
-    elif kind == "full_step":
-        model.unfreeze_base()
-        step, trainable = _training_step(model, inputs)
-    else:
-        raise ValueError(f"unknown measurement {kind!r}")
+        steps["adapter_forward"] = adapter_forward
+    if {"kadapter_step", "cached_step", "optimizer_step", "no_dropout_step"} & set(kinds):
+        steps["kadapter_step"], _, trainable["kadapter_step"] = _training_step(model, inputs)
+        cached_inputs = {k: v for k, v in inputs.items() if k != "input_ids"} | {"cached_hidden_states": cached}
+        steps["cached_step"], _, trainable["cached_step"] = _training_step(model, cached_inputs)
+        steps["no_dropout_step"], _, trainable["no_dropout_step"] = _training_step(model, inputs, dropout=False)
+        if "optimizer_step" in kinds:  # on copies of the trained parameters, whose gradients the steps never clear
+            copies = [p.detach().clone().requires_grad_() for p in model.parameters() if p.requires_grad]
+            for copy in copies:
+                copy.grad = torch.full_like(copy, 1e-3)
+            steps["optimizer_step"] = torch.optim.AdamW(copies, lr=1e-5, fused=device.type in ("cpu", "cuda")).step
+    if "half_base_step" in kinds:
+        half = fresh()
+        half.cast_base(torch.bfloat16)
+        steps["half_base_step"], _, trainable["half_base_step"] = _training_step(half, inputs)
+    if "full_step" in kinds:
+        full = fresh()
+        full.unfreeze_base()
+        steps["full_step"], _, trainable["full_step"] = _training_step(full, inputs)
+    return {kind: steps[kind] for kind in kinds if kind in steps}, trainable
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
+# ---------------------------------------------------------------------------------------------------------------
+# Memory (one spawned process per step kind)
+# ---------------------------------------------------------------------------------------------------------------
+def peak_memory(size: str, kind: str, batch: Batch, device_name: str, threads: int) -> dict[str, Any]:
+    """Peak memory of `kind` (two steps: the second runs with the optimizer state), in this fresh process."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    probe = MemoryProbe(device)
+    step = make_steps(size, batch, device, [kind])[0][kind]
     held = probe.start()
-    for _ in range(warmup):
+    for _ in range(2):
         step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return Measurement(times, held, probe.peak(), trainable, probe.exact)
+    peak = probe.peak()
+    return {"peak_mib": peak / MiB, "above_model_mib": (peak - held) / MiB, "exact": probe.exact}
 
 
-def run_isolated(*args: Any) -> Measurement:
-    """Run `measure` in a fresh spawned process, so its peak memory is its own."""
+def run_isolated(*args: Any) -> dict[str, Any]:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, *args).result()
+        return pool.submit(peak_memory, *args).result()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,70 +212,84 @@ def count_paper_adapter_params() -> dict[str, int]:
     return {name: sum(p.numel() for p in adapter.parameters()) for name, adapter in model.adapters.items()}
 
 
-COLUMNS = ("ms/step", "min ms", "x base fwd", "peak MiB", "x base fwd", "above model", "trainable")
-WIDTHS = (9, 9, 11, 10, 11, 12, 12)
+def measure_size(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    batch = make_batch(args.batch_size, args.seq_len)
+    kinds = [k for k in MEASUREMENTS if k != "half_base_step" or args.half_base]
+    steps, trainable = make_steps(size, batch, device, kinds)
+    times = interleaved(steps, args.repeats, device, warmup=args.warmup)
+    del steps
+    best = {kind: min(values) for kind, values in times.items()}
+    memory = {}
+    for kind in MEMORY_KINDS:
+        if kind in best and not args.skip_memory:
+            try:
+                memory[kind] = run_isolated(size, kind, batch, str(device), torch.get_num_threads())
+            except Exception as error:  # an OOM-killed worker: report it, go on
+                memory[kind] = {"error": f"{type(error).__name__}: {error}"}
+    estimate = best["base_forward"] + 3 * best["adapter_forward"]
+    figures = {
+        "batch": [args.batch_size, args.seq_len],
+        "best_ms": {k: v * 1e3 for k, v in best.items()},
+        "all_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+        "estimate_ms": estimate * 1e3,
+        "step_over_estimate": best["kadapter_step"] / estimate,
+        "step_over_base_forward": best["kadapter_step"] / best["base_forward"],
+        "cached_step_over_base_forward": best["cached_step"] / best["base_forward"],
+        "step_minus_optimizer_over_estimate": (best["kadapter_step"] - best["optimizer_step"]) / estimate,
+        "full_over_kadapter_time": best["full_step"] / best["kadapter_step"],
+        "trainable": trainable,
+        "memory": memory,
+    }
+    if all("peak_mib" in memory.get(k, {}) for k in ("kadapter_step", "full_step")):
+        figures["full_over_kadapter_peak"] = memory["full_step"]["peak_mib"] / memory["kadapter_step"]["peak_mib"]
+    report(size, figures)
+    return figures
 
 
-def _row(label: str, cells: tuple[str, ...]) -> str:
-    """One table line; `cells` may be shorter than the columns."""
-    return f"{label:<40}" + "".join(f"{cell:>{width}}" for cell, width in zip(cells, WIDTHS, strict=False))
-
-
-def _ratio(value: float | None, reference: float | None) -> str:
-    return "-" if value is None or not reference else f"{value / reference:.2f}x"
-
-
-def report_size(size: str, results: dict[str, Measurement | str], batch_shape: tuple[int, int]) -> None:
-    """Print one size's table: median time and peak memory, each also as a ratio to the base forward."""
-    done = {k: r for k, r in results.items() if isinstance(r, Measurement)}
-    median = {k: statistics.median(r.times) for k, r in done.items()}
-    ref_time = median.get("base_forward")
-    ref_peak = done["base_forward"].peak_bytes if "base_forward" in done else None
-    print(f"\n== {size}: batch {batch_shape[0]} x {batch_shape[1]} tokens ==")
-    print(_row("measurement", COLUMNS))
-    print("-" * (40 + sum(WIDTHS)))
+def report(size: str, figures: dict[str, Any]) -> None:
+    best, memory = figures["best_ms"], figures["memory"]
+    base = best["base_forward"]
+    print(f"\n== {size}: batch {figures['batch'][0]} x {figures['batch'][1]} tokens ==")
+    print(f"{'measurement':<40}{'best ms':>10}{'x base fwd':>12}{'peak MiB':>10}{'above model':>13}{'trainable':>13}")
     for kind, label in MEASUREMENTS.items():
-        result = results.get(kind)
-        if isinstance(result, str):
-            print(f"{label:<40}  FAILED: {result}")
-        elif result is not None:
-            cells = (
-                f"{median[kind] * 1e3:.1f}",
-                f"{min(result.times) * 1e3:.1f}",
-                _ratio(median[kind], ref_time),
-                f"{result.peak_bytes / MiB:.0f}",
-                _ratio(result.peak_bytes, ref_peak),
-                f"{(result.peak_bytes - result.held_bytes) / MiB:.0f}",
-                f"{result.trainable:,}" if result.trainable else "-",
-            )
-            print(_row(label, cells))
-        if kind == "kadapter_step" and {"base_forward", "adapter_forward"} <= median.keys():
-            estimate = median["base_forward"] + 3 * median["adapter_forward"]
-            cells = (f"{estimate * 1e3:.1f}", "", _ratio(estimate, ref_time))
-            print(_row("  estimate: base fwd + 3 x adapter fwd", cells))
-            if kind in median:
-                print(_row("  measured K-Adapter step / estimate", (f"{median[kind] / estimate:.2f}",)))
-    if {"kadapter_step", "full_step"} <= median.keys():
-        print(
-            f"full fine-tuning step / K-Adapter step: time {median['full_step'] / median['kadapter_step']:.2f}x, "
-            f"peak memory {done['full_step'].peak_bytes / done['kadapter_step'].peak_bytes:.2f}x"
+        if kind not in best:
+            continue
+        peak = memory.get(kind, {})
+        peak_cells = (
+            f"{peak['peak_mib']:>10.0f}{peak['above_model_mib']:>13.0f}" if "peak_mib" in peak else f"{'':>23}"
         )
-    if any(not r.exact_memory for r in done.values()):
-        print("note: peak RSS could not be reset here; CPU peaks include model construction (ru_maxrss).")
+        count = figures["trainable"].get(kind)
+        print(
+            f"{label:<40}{best[kind]:>10.1f}{best[kind] / base:>11.2f}x{peak_cells}"
+            f"{(f'{count:,}' if count else '-'):>13}"
+        )
+        if "error" in peak:
+            print(f"  memory: FAILED {peak['error']}")
+    print(f"estimate base fwd + 3 x adapter fwd: {figures['estimate_ms']:.1f} ms")
+    print(
+        f"K-Adapter step / estimate: {figures['step_over_estimate']:.2f} (without the optimizer step: "
+        f"{figures['step_minus_optimizer_over_estimate']:.2f}); step / base forward: "
+        f"{figures['step_over_base_forward']:.2f}x; cached step / base forward: "
+        f"{figures['cached_step_over_base_forward']:.2f}x"
+    )
+    line = f"full fine-tuning step / K-Adapter step: time {figures['full_over_kadapter_time']:.2f}x"
+    if "full_over_kadapter_peak" in figures:
+        line += f", peak memory {figures['full_over_kadapter_peak']:.2f}x"
+    print(line)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="small,paper", help="comma-separated: small, paper")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 2 on CPU, 8 on CUDA")
-    parser.add_argument("--seq-len", type=int, default=None, help="default 64 on CPU, 128 on CUDA (at most 512)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (creates the AdamW state)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64, help="at most 512")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (the best counts)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (creates the AdamW state)")
+    parser.add_argument("--half-base", action="store_true", help="also time the step with a bfloat16 base")
+    parser.add_argument("--skip-memory", action="store_true", help="time only (no peak-memory processes)")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    on_cuda = torch.device(args.device).type == "cuda"
-    args.batch_size = args.batch_size or (8 if on_cuda else 2)
-    args.seq_len = args.seq_len or (128 if on_cuda else 64)
+    args.command = None if argv is None else [sys.executable, __file__, *argv]
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [size for size in args.sizes if size not in ("small", "paper")]
     if unknown or not args.sizes:
@@ -326,47 +299,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _load() -> str:
-    """The 1-minute load average next to the core count: other work on the machine inflates CPU timings."""
-    try:
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except OSError:
-        return "load average unknown"
-    busy = " -- BUSY: other processes compete for the cores, CPU times are inflated" if load > cores - 0.5 else ""
-    return f"load average {load:.1f} on {cores} cores{busy}"
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    total = time.perf_counter()
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} intra-op threads (unchanged)")
-    print(f"timing: median of {args.repeats} steps after {args.warmup} warmup steps, time.perf_counter")
-    if torch.device(args.device).type == "cuda":
-        print("peak memory: torch.cuda.max_memory_allocated during the steps (weights included), per fresh process")
-    else:
-        print(
-            "peak memory: peak resident set (VmHWM, reset after the model is built) minus the process's resident set "
-            "before building it, per fresh spawned process; so it covers weights + activations + grads + AdamW state "
-            "(plus allocator slack). 'above model' subtracts what was resident once the model was built. Every row "
-            "holds the same model (base + 1 adapter + heads), also for the base-forward rows."
+    device, info = start(args, "kadapter_step")
+    print(f"timing: best of {args.repeats} interleaved rounds after {args.warmup} warmup runs, {info['clock']}")
+    print(
+        "peak memory: per step kind in a fresh spawned process, "
+        + (
+            "torch.cuda.max_memory_allocated (weights included)"
+            if device.type == "cuda"
+            else "peak resident set (VmHWM) minus the resident set before building the model; 'above model' "
+            "subtracts what was resident once the model was built"
         )
+    )
     counts = count_paper_adapter_params()
     for name, count in counts.items():
         verdict = "ok" if count == PAPER_ADAPTER_PARAMS else f"MISMATCH, expected {PAPER_ADAPTER_PARAMS:,}"
         print(f"paper adapter {name!r} (meta device): {count:,} parameters ({verdict})")
-
-    batch = make_batch(args.batch_size, args.seq_len)
-    print(f"before measuring: {_load()}")
+    figures = {"paper_adapter_parameters": counts, "sizes": {}}
     for size in args.sizes:
-        results: dict[str, Measurement | str] = {}
-        for kind in MEASUREMENTS:
-            try:
-                results[kind] = run_isolated(size, kind, batch, args.device, args.warmup, args.repeats)
-            except Exception as error:  # a crashed or OOM-killed worker: report it, go on with the rest
-                results[kind] = f"{type(error).__name__}: {error}"
-        report_size(size, results, (args.batch_size, args.seq_len))
-        print(f"after {size} (includes this benchmark's own threads): {_load()}")
-    print(f"\ntotal wall time {time.perf_counter() - total:.0f} s")
+        figures["sizes"][size] = measure_size(size, args, device)
+    write_json(args.json, info, figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """PELT table building vs plain forwards of the same masked LM over the same masked inputs.
 
-`build_entity_table` does sampling, masking, tokenization, batching, the forward and the per-entity sums; the
-baselines only run forwards over pre-tokenized, pre-padded batches of exactly the inputs the build feeds the model
-(same order, same batch size, same padding). Two baselines are timed in the same run: the full masked-LM forward
-(`model(**batch)`, logits over the vocabulary at every position, what one would run naively) and the encoder forward
-alone (`model.base_model(**batch)`, the compute the build cannot avoid). The ratio build/encoder is the overhead of
-everything PELT adds.
+`build_entity_table` does sampling, masking, tokenization, batching (occurrences sorted by length within each chunk
+of `chunk_size`, so a batch holds inputs of nearly one length), the forward and the per-entity sums. Three baselines
+run forwards over pre-tokenized inputs, in the same run, interleaved with the build:
 
-    python benchmarks/bench_pelt.py                       # MiniLM-sized random BERT MLM (fits 2 CPU cores, < 3 min)
+* encoder, unpadded: the encoder forward (`model.base_model`) over the same inputs grouped by exact length (batches
+  of at most `--batch-size` inputs of one length: no padding at all), the reference the build is measured against;
+* encoder, padded: the encoder over exactly the build's padded batches (same order, same padding);
+* masked LM: the full MLM forward over the build's batches (logits over the vocabulary everywhere: the naive way).
+
+Throughput is counted in real (non-pad) tokens per second, so padding counts as waste. The ratio build / unpadded
+encoder (goal >= 0.9) is what everything PELT adds, padding included.
+
+    python benchmarks/bench_pelt.py --json pelt_build.json          # MiniLM-sized random BERT MLM (< 3 min)
     python benchmarks/bench_pelt.py --hidden 768 --layers 12 --heads 12 --intermediate 3072   # BERT-base sized
 
 Random weights and a synthetic corpus: throughput does not depend on what the weights know.
@@ -23,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import platform
 import random
-import shlex
 import sys
 import tempfile
 import time
@@ -36,6 +38,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from _common import Clock, add_common_arguments, interleaved, print_environment, setup, write_json
+from _common import environment as common_environment
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -86,27 +90,34 @@ def make_corpus(occurrences: int, entities: int, seed: int, words: int) -> list[
 
 
 def baseline_batches(model, tokenizer, corpus, max_occurrences: int, seed: int, batch_size: int, max_length: int):
-    """The padded batches build_entity_table runs, built beforehand (same inputs, same order, same padding)."""
+    """The padded batches build_entity_table runs, built beforehand (same inputs, same order, same padding), the
+    same inputs in unpadded batches (grouped by exact length), and counts: occurrences, entities, real tokens."""
     dataset = load_entity_corpus(corpus)
     plan = _plan(dataset, max_occurrences, seed, set(), False)
     encoder = _MaskedEncoder(tokenizer, max_length)
     ids, _, _ = encoder.encode(_texts(dataset, plan.records), plan.starts, plan.ends)
     device = next(model.parameters()).device
-    batches = []
+    padded = []
     for first in range(0, len(ids), CHUNK_SIZE):  # the build sorts by length within chunks of CHUNK_SIZE
         chunk = ids[first : first + CHUNK_SIZE]
         order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i]))
         for start in range(0, len(order), batch_size):
-            batches.append(encoder.pad([chunk[i] for i in order[start : start + batch_size]], device))
-    return batches, len(plan), len(plan.entity_ids), sum(len(x) for x in ids)
+            padded.append(encoder.pad([chunk[i] for i in order[start : start + batch_size]], device))
+    by_length: dict[int, list[list[int]]] = {}
+    for row in ids:
+        by_length.setdefault(len(row), []).append(row)
+    unpadded = [
+        encoder.pad(rows[start : start + batch_size], device)
+        for _, rows in sorted(by_length.items(), reverse=True)
+        for start in range(0, len(rows), batch_size)
+    ]
+    return padded, unpadded, len(plan), len(plan.entity_ids), sum(len(x) for x in ids)
 
 
-def time_forwards(function, batches) -> float:
-    start = time.perf_counter()
+def run_forwards(function, batches) -> None:
     with torch.inference_mode():
         for batch in batches:
             function(**batch)
-    return time.perf_counter() - start
 
 
 # ----- the tokenizer hook ----------------------------------------------------------------------------------------
@@ -202,20 +213,12 @@ def best_times(functions: dict, budget: float = 0.05, rounds: int = 5) -> dict[s
     return best
 
 
-def environment(command: list[str]) -> dict:
-    import tokenizers
-    import transformers
-
+def environment(command: list[str], device: torch.device | str = "cpu") -> dict:
+    """The shared preamble (benchmarks/_common.py) plus what matters to tokenisation timings."""
     return {
-        "command": " ".join(shlex.quote(part) for part in command),
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch_threads": torch.get_num_threads(),
+        **common_environment(device, command),
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "unset"),
         "clock": "process CPU time (time.process_time), best of 5 interleaved rounds",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
     }
 
 
@@ -230,9 +233,8 @@ def bench_tokenizer_hook(args: argparse.Namespace) -> dict:
     """
     from hf_kadapter.pelt.tokenization_pelt import PELTTokenizer
 
-    info = environment([sys.executable, *sys.argv] if args.command is None else args.command)
-    for key, value in info.items():
-        print(f"{key}: {value}")
+    info = {"benchmark": "pelt_tokenizer_hook", **environment(args.command)}
+    print_environment(info)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         tokenizers = hook_tokenizers(Path(folder), args.seed)
@@ -289,10 +291,8 @@ def bench_tokenizer_hook(args: argparse.Namespace) -> dict:
         f"\nworst ratio hook / plain: {worst['ratio']:.2f} (with offsets {worst['ratio_offsets']:.2f}) at "
         f"{worst['plain_tokens']} tokens, {worst['mentions']} mentions, {worst['tokenizer']}"
     )
-    result = {"benchmark": "pelt_tokenizer_hook", **info, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"figures written to {args.json}")
+    result = {**info, "rows": rows}
+    write_json(args.json, info, {"rows": rows})
     return result
 
 
@@ -308,22 +308,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-occurrences", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hook", action="store_true", help="benchmark the tokenizer hook instead of the build")
     parser.add_argument("--hook-lengths", type=int, nargs="+", default=list(HOOK_LENGTHS))
     parser.add_argument("--hook-mentions", type=int, nargs="+", default=list(HOOK_MENTIONS))
     parser.add_argument("--hook-budget", type=float, default=0.05, help="seconds of calls per timed run (--hook)")
-    parser.add_argument("--json", help="write the figures to this JSON file (--hook)")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    args.command = None if argv is None else [sys.executable, __file__, *argv]
+    args.command = [sys.executable, *sys.argv] if argv is None else [sys.executable, __file__, *argv]
+    device = setup(args)
     if args.hook:
-        torch.set_num_threads(args.threads)
         bench_tokenizer_hook(args)
         return
 
-    torch.set_num_threads(args.threads)
+    info = {"benchmark": "pelt_build", **environment(args.command, device)}
+    info["clock"] = f"{Clock(device).name}, best of {args.rounds} interleaved rounds"
+    print_environment(info)
     hf_logging.set_verbosity_error()
     logging.getLogger("hf_kadapter").setLevel(logging.WARNING)
     torch.manual_seed(args.seed)
@@ -337,28 +338,29 @@ def main(argv: list[str] | None = None) -> None:
         intermediate_size=args.intermediate,
         max_position_embeddings=512,
     )
-    model = BertForMaskedLM(config).eval()
+    model = BertForMaskedLM(config).eval().to(device)
     params = sum(p.numel() for p in model.parameters())
     corpus = make_corpus(args.occurrences, args.entities, args.seed, words=len(tokenizer) - 205)
-    batches, occurrences, entities, tokens = baseline_batches(
+    padded, unpadded, occurrences, entities, tokens = baseline_batches(
         model, tokenizer, corpus, args.max_occurrences, args.seed, args.batch_size, args.max_length
     )
+    padded_tokens = sum(batch["input_ids"].numel() for batch in padded)
     print(
         f"model: random BertForMaskedLM, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
-        f"intermediate {args.intermediate}, vocab {len(tokenizer)} ({params / 1e6:.1f}M parameters); "
-        f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+        f"intermediate {args.intermediate}, vocab {len(tokenizer)} ({params / 1e6:.1f}M parameters)"
     )
     print(
         f"corpus: {len(corpus)} records, {occurrences} sampled occurrences of {entities} entities "
-        f"(max_occurrences {args.max_occurrences}), {tokens} tokens ({tokens / occurrences:.1f} per occurrence), "
-        f"batch size {args.batch_size}, {len(batches)} batches"
+        f"(max_occurrences {args.max_occurrences}), {tokens} real tokens ({tokens / occurrences:.1f} per occurrence), "
+        f"batch size {args.batch_size}: the build runs {len(padded)} batches holding {padded_tokens} token slots "
+        f"({100 * (1 - tokens / padded_tokens):.1f}% padding); unpadded, the same inputs make {len(unpadded)} batches"
     )
 
     with torch.inference_mode():  # warm-up (allocator, kernels), not timed
-        model(**batches[-1])
+        model(**padded[-1])
+        model.base_model(**unpadded[-1])
 
-    def build() -> float:
-        start = time.perf_counter()
+    def build() -> None:
         table = build_entity_table(
             model,
             tokenizer,
@@ -370,28 +372,51 @@ def main(argv: list[str] | None = None) -> None:
             chunk_size=CHUNK_SIZE,
             progress=False,
         )
-        seconds = time.perf_counter() - start
         assert int(table.counts.sum()) == occurrences and not bool(torch.isnan(table.sums).any())
-        return seconds
 
-    # Rounds interleave the three measurements, and each keeps its best round: on a shared machine other load
-    # only ever slows a pass down, so the minimum is the least disturbed measurement of each.
-    timings: dict[str, list[float]] = {"build": [], "mlm": [], "encoder": []}
-    for _ in range(args.rounds):
-        timings["build"].append(build())
-        timings["encoder"].append(time_forwards(model.base_model, batches))
-        timings["mlm"].append(time_forwards(model, batches))
-    rates = {name: occurrences / min(seconds) for name, seconds in timings.items()}
-
-    def rounds(name: str) -> str:
-        return ", ".join(f"{s:.1f}" for s in timings[name])
-
+    # Rounds interleave the measurements (order reversed every other round), and each keeps its best round: on a
+    # shared machine other load only ever slows a pass down, so the minimum is the least disturbed measurement.
+    runs = {
+        "build": build,
+        "encoder_unpadded": lambda: run_forwards(model.base_model, unpadded),
+        "encoder_padded": lambda: run_forwards(model.base_model, padded),
+        "mlm_padded": lambda: run_forwards(model, padded),
+    }
+    timings = interleaved(runs, args.rounds, device, warmup=0)
+    rates = {name: tokens / min(seconds) for name, seconds in timings.items()}
+    labels = {
+        "build": "build_entity_table",
+        "encoder_unpadded": "encoder forwards, unpadded",
+        "encoder_padded": "encoder forwards, build's batches",
+        "mlm_padded": "masked-LM forwards, build's batches",
+    }
     print(f"rounds: {args.rounds} (interleaved; best round kept; seconds per round listed)")
-    print(f"build_entity_table    : {rates['build']:8.1f} occurrences/s  [{rounds('build')} s]")
-    print(f"plain MLM forwards    : {rates['mlm']:8.1f} occurrences/s  [{rounds('mlm')} s]")
-    print(f"plain encoder forwards: {rates['encoder']:8.1f} occurrences/s  [{rounds('encoder')} s]")
-    print(f"ratio build / MLM forwards    : {rates['build'] / rates['mlm']:.3f}")
-    print(f"ratio build / encoder forwards: {rates['build'] / rates['encoder']:.3f}")
+    for name, label in labels.items():
+        rounds = ", ".join(f"{s:.2f}" for s in timings[name])
+        print(
+            f"{label:<36}: {rates[name]:9.0f} real tokens/s, {occurrences / min(timings[name]):8.1f} occurrences/s"
+            f"  [{rounds} s]"
+        )
+    ratios = {
+        "build_over_encoder_unpadded": rates["build"] / rates["encoder_unpadded"],
+        "build_over_encoder_padded": rates["build"] / rates["encoder_padded"],
+        "build_over_mlm_padded": rates["build"] / rates["mlm_padded"],
+    }
+    print(f"ratio build / unpadded encoder forwards (real tokens/s): {ratios['build_over_encoder_unpadded']:.3f}")
+    print(f"ratio build / encoder forwards over the build's batches: {ratios['build_over_encoder_padded']:.3f}")
+    print(f"ratio build / masked-LM forwards over the build's batches: {ratios['build_over_mlm_padded']:.3f}")
+    figures = {
+        "occurrences": occurrences,
+        "entities": entities,
+        "real_tokens": tokens,
+        "padded_token_slots": padded_tokens,
+        "padding_share": 1 - tokens / padded_tokens,
+        "batches": {"build": len(padded), "unpadded": len(unpadded)},
+        "seconds": timings,
+        "real_tokens_per_s": rates,
+        **ratios,
+    }
+    write_json(args.json, info, figures)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,35 @@ def test_pretrain_factual_from_the_feature_cache_matches(recipe_base, factual_ad
     assert len(list((tmp_path / "cache").iterdir())) == 1  # reused, not rebuilt
 
 
+def test_pretrain_factual_with_a_half_precision_cache_and_base(recipe_base, factual_adapter, tmp_path):
+    plain = json.loads((factual_adapter / "trainer_state.json").read_text())["log_history"]
+    cache = tmp_path / "cache"
+    argv = _argv(recipe_base, tmp_path / "half", "trex_train.json", "--feature_cache_dir", str(cache),
+                 "--feature_cache_dtype", "bfloat16", "--base_dtype", "bfloat16")  # fmt: skip
+    trainer = _run("pretrain_factual", argv)
+    # The same run within half precision's rounding (bfloat16 keeps ~3 significant digits).
+    assert _losses(trainer) == pytest.approx([e["loss"] for e in plain if "loss" in e], rel=5e-2)
+    (built,) = cache.iterdir()
+    metadata = json.loads((built / "metadata.json").read_text())
+    assert metadata["dtype"] == "bfloat16" and metadata["base_dtype"] == "bfloat16"
+    core = trainer.model.kadapter
+    assert {p.dtype for p in core.pretrained_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in core.adapters.parameters()} == {torch.float32}
+    assert json.loads((tmp_path / "half" / "run_arguments.json").read_text())["feature_cache_dtype"] == "bfloat16"
+
+
+def test_half_precision_flags_name_what_is_missing():
+    from hf_kadapter.kadapter.recipes import FineTuningArguments, PretrainingArguments
+
+    with pytest.raises(ValueError, match="there is no cache: add --feature_cache_dir"):
+        PretrainingArguments(base_model="base", feature_cache_dtype="float16")
+    with pytest.raises(ValueError, match="--feature_cache_dtype 'int8' is not one of"):
+        PretrainingArguments(base_model="base", feature_cache_dir="cache", feature_cache_dtype="int8")
+    with pytest.raises(ValueError, match="the regime 'paper' trains it.*--bf16"):
+        FineTuningArguments(base_model="base", base_dtype="bfloat16")
+    assert FineTuningArguments(base_model="base", base_dtype="bfloat16", regime="adapters").base_dtype == "bfloat16"
+
+
 def test_pretrain_linguistic_keeps_the_factual_adapter_intact(recipe_base, factual_adapter, tmp_path):
     output = tmp_path / "lin"
     source = hk.KAdapterModel.from_pretrained(factual_adapter).eval()
@@ -204,6 +233,14 @@ def test_rerunning_an_output_dir_resumes_or_refuses_changed_arguments(recipe_bas
     assert "holds a run with the same arguments: resuming" in printed and "had already trained to step 2" in printed
     # the finished run's results stay (the resumed session trained nothing: its train_loss 0.0 is no result)
     assert json.loads((output / "all_results.json").read_text()) == results and results["train_loss"] > 0
+    record = json.loads((output / "run_arguments.json").read_text())
+    for newer in ("base_dtype", "feature_cache_dtype"):  # a run recorded before these flags existed
+        del record[newer]
+    (output / "run_arguments.json").write_text(json.dumps(record))
+    assert _run("pretrain_factual", argv).state.global_step == 2  # flags at their defaults change nothing
+    assert "holds a run with the same arguments: resuming" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"--base_dtype: 'float32' -> 'bfloat16'"):  # recorded by the resume
+        _run("pretrain_factual", [*argv, "--base_dtype", "bfloat16"])
     changed = [*argv, "--learning_rate", "1e-3"]
     # Before: resumed the finished run, trained nothing and overwrote the results; with other taps it crashed.
     with pytest.raises(

@@ -10,8 +10,13 @@ pretraining heads accept::
     train = cache.attach(tokenized)
     Trainer(model=model, args=args, train_dataset=train, data_collator=CachedFeatureCollator(pad_fn, cache)).train()
 
+What is stored: the S hidden states the model reads and nothing else, the adapters' taps plus the last layer (the
+base's other layers are never written: 4 of 7 for MiniLM's 6 layers with the default taps), each row at its own
+length (trailing padding trimmed), in float32 (the adapter then trains exactly as without the cache) or in
+float16 / bfloat16 (half the disk and half the bytes read per epoch; the recipes' `--feature_cache_dtype`).
+
 Layout of `cache_dir/<key>/`: `hidden_states.npy`, one flat (total_tokens, S, hidden) array holding every row at its
-own length (trailing padding trimmed), `offsets.npy` (num_rows + 1 row starts) and `metadata.json`. The key is a
+own length, `offsets.npy` (num_rows + 1 row starts) and `metadata.json`. The key is a
 sha256 over the base fingerprint (every weight, hf_kadapter.utils.fingerprint), the hidden-state indices, the storage
 dtype, the base's compute dtype and a digest of every row's input_ids / attention_mask / token_type_ids, so another
 base, other taps or other tokenization can never read a stale cache: they get another folder.
@@ -24,7 +29,8 @@ how many are done, so a build killed at any point resumes to the same bytes. One
 Why `.npy` through `np.lib.format.open_memmap` rather than safetensors: the file is preallocated once and each chunk
 of rows is written in place, which is what lets an interrupted build resume; safetensors' writers serialise whole
 in-memory tensors, so a cache larger than memory could not be written incrementally. Reading maps the file, so
-memory use stays at one batch. numpy has no bfloat16, so `dtype="bfloat16"` stores the raw bfloat16 bits as int16
+memory use stays at one batch, and each row is copied once, from the page cache into the batch, converted to the
+model's dtype on the way (a half-precision cache reaches float32 adapters without an intermediate copy). numpy has no bfloat16, so `dtype="bfloat16"` stores the raw bfloat16 bits as int16
 (same size as float16, float32's range: no overflow on large activations).
 """
 
@@ -356,12 +362,18 @@ class FeatureCache:
         return self._row(int(index)).transpose(0, 1)
 
     def batch(
-        self, rows: Sequence[int], seq_len: int | None = None, indices: Sequence[int] | None = None
+        self,
+        rows: Sequence[int],
+        seq_len: int | None = None,
+        indices: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """(len(rows), S, seq_len, hidden) of the given rows, zeros past each row's stored length.
 
         `indices` picks a subset of the cached hidden states (in that order), for a model that reads fewer than
-        the cache holds (e.g. a head-only baseline on a cache built for adapters)."""
+        the cache holds (e.g. a head-only baseline on a cache built for adapters). `dtype` (default: the storage
+        dtype) is the dtype handed out: each row is converted while it is copied out of the memory map, so a
+        half-precision cache reaches float32 adapters in one copy, not two."""
         self._check_readable()
         columns = self._columns(indices)
         rows = [int(r) for r in rows]
@@ -374,14 +386,15 @@ class FeatureCache:
             )
         states = self.states
         width = states.shape[1] if columns is None else len(columns)
-        out = torch.zeros(len(rows), width, seq_len, states.shape[2], dtype=self.torch_dtype)
+        out = torch.empty(len(rows), width, seq_len, states.shape[2], dtype=dtype or self.torch_dtype)
         for slot, row in enumerate(rows):
             length = int(lengths[slot])
             if length:
                 part = self._row(row)
                 if columns is not None:
                     part = part[:, columns]
-                out[slot, :, :length].copy_(part.transpose(0, 1))
+                out[slot, :, :length].copy_(part.transpose(0, 1))  # the one copy: page cache -> batch (-> dtype)
+            out[slot, :, length:].zero_()
         return out
 
     def _columns(self, indices: Sequence[int] | None) -> list[int] | None:
@@ -450,8 +463,9 @@ class CachedFeatureCollator:
     """Wraps a collator: pops the cache indices, collates the rest, adds `cached_hidden_states` for the batch.
 
     The states are padded (with zeros) to the collated batch's sequence length, so any right-padding collator
-    works. Given the `model`, it hands over exactly the hidden states that model reads, so one cache built for a
-    model with adapters also serves, say, a head-only baseline on the same base. KAdapterModel and every K-Adapter head accept `cached_hidden_states`; `Trainer` drops the index column
+    works. Given the `model`, it hands over exactly the hidden states that model reads, in the dtype its adapters
+    compute in (converted while read), so one cache built for a model with adapters also serves, say, a head-only
+    baseline on the same base. KAdapterModel and every K-Adapter head accept `cached_hidden_states`; `Trainer` drops the index column
     for other models, which this collator reports.
     """
 
@@ -466,10 +480,12 @@ class CachedFeatureCollator:
         self.cache = cache
         self.column = column
         self.indices: list[int] | None = None
+        self.dtype: torch.dtype | None = None
         cache._check_readable()
         if model is not None:
             cache.check_compatible(model)
             self.indices = cached_hidden_state_indices(model)
+            self.dtype = _core(model)._compute_dtype()  # converted once, while read (see FeatureCache.batch)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         rows, rest = [], []
@@ -494,7 +510,7 @@ class CachedFeatureCollator:
                 "The batch attends to tokens past the cached length of its rows: the collator pads on the left, or the "
                 "dataset is not the cached one."
             )
-        batch["cached_hidden_states"] = self.cache.batch(rows, mask.shape[-1], indices=self.indices)
+        batch["cached_hidden_states"] = self.cache.batch(rows, mask.shape[-1], indices=self.indices, dtype=self.dtype)
         return batch
 
 

@@ -911,6 +911,12 @@ def pop_push_kwargs(kwargs: dict[str, Any]) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
+def _at(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tensor[b, positions[b, p]] for every example b and position p: (batch, P, ...) from (batch, seq, ...)."""
+    rows = torch.arange(tensor.shape[0], device=tensor.device)[:, None]
+    return tensor[rows, positions.to(tensor.device)]
+
+
 class KAdapterSelfAttention(nn.Module):
     """BERT-style post-LN self-attention block (attention, output dense, dropout, residual, LayerNorm)."""
 
@@ -926,21 +932,26 @@ class KAdapterSelfAttention(nn.Module):
         self.dropout = nn.Dropout(hidden_dropout)
         self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
 
-    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, attention_bias: torch.Tensor | None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`positions` (batch, P): compute the block's output only at those tokens (every token is still attended
+        to), for heads that read a few marker positions; (batch, P, hidden) instead of (batch, seq, hidden)."""
         batch, length, _ = hidden.shape
+        queries = hidden if positions is None else _at(hidden, positions)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            return x.view(batch, x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
         context = F.scaled_dot_product_attention(
-            heads(self.query(hidden)),
+            heads(self.query(queries)),
             heads(self.key(hidden)),
             heads(self.value(hidden)),
             attn_mask=attention_bias,
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
-        context = context.transpose(1, 2).reshape(batch, length, -1)
-        return self.LayerNorm(hidden + self.dropout(self.output(context)))
+        context = context.transpose(1, 2).reshape(batch, queries.shape[1], -1)
+        return self.LayerNorm(queries + self.dropout(self.output(context)))
 
 
 class KAdapterTransformerLayer(GradientCheckpointingLayer):
@@ -962,8 +973,10 @@ class KAdapterTransformerLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(spec.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
-        hidden = self.attention(hidden, attention_bias)
+    def forward(
+        self, hidden: torch.Tensor, attention_bias: torch.Tensor | None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.attention(hidden, attention_bias, positions)
         return self.LayerNorm(hidden + self.dropout(self.output(self.act(self.intermediate(hidden)))))
 
 
@@ -980,10 +993,17 @@ class KAdapterLayer(nn.Module):
         self.down_project._kadapter_init_std = spec.init_std
         self.up_project._kadapter_init_std = spec.init_std
 
-    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, attention_bias: torch.Tensor | None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`positions` (batch, P): the output only at those tokens; the last transformer layer then computes its
+        queries, feed-forward and up projection there alone (the other tokens' are never read)."""
         hidden = self.down_project(hidden)
-        for layer in self.encoder:
-            hidden = layer(hidden, attention_bias)
+        last = len(self.encoder) - 1
+        for index, layer in enumerate(self.encoder):
+            hidden = layer(hidden, attention_bias, positions) if index == last else layer(hidden, attention_bias)
+        if positions is not None and last < 0:
+            hidden = _at(hidden, positions)
         return self.up_project(hidden)
 
 
@@ -996,12 +1016,26 @@ class KnowledgeAdapter(nn.Module):
         self.input_mode = spec.input_mode
         self.layers = nn.ModuleList([KAdapterLayer(base_hidden_size, spec) for _ in self.tap_layers])
 
-    def forward(self, hidden_states: tuple[torch.Tensor, ...], attention_bias: torch.Tensor | None) -> torch.Tensor:
-        previous = torch.zeros_like(hidden_states[self.tap_layers[0]])
-        for tap, layer in zip(self.tap_layers, self.layers, strict=True):
+    def forward(
+        self,
+        hidden_states: Sequence[torch.Tensor] | dict[int, torch.Tensor],
+        attention_bias: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`hidden_states[k]`: the base's hidden state k (at least the tapped ones). `positions` (batch, P): the
+        output only at those tokens, (batch, P, hidden), computed as if the whole sequence were (see KAdapterLayer).
+        """
+        previous = None  # the chain starts from zeros (the official code): the first layer reads its tap alone
+        last = len(self.layers) - 1
+        for index, (tap, layer) in enumerate(zip(self.tap_layers, self.layers, strict=True)):
             tapped = hidden_states[tap]
-            combined = tapped + previous
-            layer_input = combined if self.input_mode == "sum" else torch.cat([tapped, previous], dim=-1)
+            combined = tapped if previous is None else tapped + previous
+            if self.input_mode == "sum":
+                layer_input = combined
+            else:
+                layer_input = torch.cat([tapped, torch.zeros_like(tapped) if previous is None else previous], dim=-1)
+            if index == last and positions is not None:
+                return _at(combined, positions) + layer(layer_input, attention_bias, positions)
             previous = combined + layer(layer_input, attention_bias)
         return previous
 
@@ -1125,8 +1159,11 @@ class KAdapterPreTrainedModel(PreTrainedModel):
         return result._replace(missing_keys=missing)
 
     def _init_new_module(self, module: nn.Module) -> nn.Module:
-        reference = next(self._core().pretrained_model.parameters())
-        module.to(device=reference.device, dtype=reference.dtype)
+        core = self._core()
+        reference = next(core.pretrained_model.parameters())
+        # New modules compute with the adapters (a half-precision base keeps float32 adapters, see cast_base).
+        dtype = core._compute_dtype() or getattr(core, "_trainable_dtype", None) or reference.dtype
+        module.to(device=reference.device, dtype=dtype)
         for sub in module.modules():
             self._init_weights(sub)
         return module
@@ -1182,6 +1219,35 @@ class KAdapterPreTrainedModel(PreTrainedModel):
     def freeze_base(self) -> None:
         self.config.freeze_base = True
         self._apply_trainability()
+
+    def cast_base(self, dtype: torch.dtype | str) -> None:
+        """Keep the frozen base in `dtype` (torch.bfloat16 or torch.float16; torch.float32 to go back) while the
+        adapters, fusion and heads keep theirs (float32 to train them).
+
+        Why: nothing in a frozen base is updated, so its weights need no float32 master copy; in half precision it
+        takes half the memory and runs several times faster where matmuls are fast in it (GPUs, CPUs with AMX). Its
+        hidden states are cast to the adapters' dtype where they leave it. The accuracy cost (differences of outputs
+        and of a short training run's loss) is measured in docs/performance.md. Prefer bfloat16: float16 overflows
+        on some bases' activations. A base whose weights (or LoRA) train cannot be cast: use mixed precision
+        (`TrainingArguments(bf16=True)`) there instead. The base is not saved by save_pretrained while frozen, so a
+        loaded model is float32 again: call cast_base after from_pretrained.
+        """
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"cast_base takes torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}.")
+        core = self._core()
+        training = [name for name, p in core.pretrained_model.named_parameters() if p.requires_grad]
+        if training:
+            raise ValueError(
+                f"The base trains ({len(training)} parameters require grad, e.g. {training[0]}): its weights cannot be "
+                "kept in half precision, AdamW's small updates would be lost to rounding. Freeze it "
+                "(model.freeze_base(), no base LoRA) first, or train in mixed precision (TrainingArguments(bf16=True))."
+            )
+        if not hasattr(core, "_trainable_dtype"):
+            outside = next((p for n, p in self.named_parameters() if f"{BASE_KEY}." not in n), None)
+            core._trainable_dtype = (outside if outside is not None else next(core.pretrained_model.parameters())).dtype
+        core.pretrained_model.to(dtype)
 
     def unfreeze_base(self) -> None:
         """The paper's fine-tuning regime: train the base, keep the adapters frozen (see freeze_adapter)."""
@@ -1760,6 +1826,7 @@ class KAdapterModel(KAdapterPreTrainedModel):
             inputs_embeds=inputs_embeds,
             cached_hidden_states=cached_hidden_states,
             output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
         )
         fused = self.fusion(base_last, adapter_outputs)
         output = KAdapterModelOutput(
@@ -1781,24 +1848,47 @@ class KAdapterModel(KAdapterPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cached_hidden_states: torch.Tensor | None = None,
         output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, Any]:
         """(base last hidden state, {adapter: output}, base hidden states, base output) without the fusion:
-        pretraining heads read one adapter's output and have no use for it."""
+        pretraining heads read one adapter's output and have no use for it.
+
+        The base keeps only the hidden states the adapters read (all of them with `output_hidden_states`); they
+        enter the adapters in the adapters' dtype (a half-precision base, see `cast_base`). `positions` (batch, P)
+        returns the base's last state and the adapters' outputs at those tokens only, (batch, P, hidden): what heads
+        reading a few marker tokens need, without computing the rest (see KnowledgeAdapter).
+        """
+        dtype = self._compute_dtype()
         if cached_hidden_states is not None:
             hidden_states = self._unpack_cached(cached_hidden_states, adapter_names)
             base_last = hidden_states[self.config.base_config.num_hidden_layers]
             base = None
         else:
+            wanted = True if output_hidden_states else self.cached_hidden_state_indices(adapter_names)
             hidden_states, base_last, base = self._run_base(
-                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions, wanted
             )
+        states = hidden_states
+        if dtype is not None and base_last.dtype != dtype:  # a half-precision base under float32 adapters
+            base_last = base_last.to(dtype)
+            taps = {t for name in adapter_names for t in self.config.get_adapter_config(name).tap_layers}
+            states = {t: hidden_states[t].to(dtype) for t in taps}
+        compute = base_last.dtype
         attention_bias = None
         if attention_mask is not None:
-            attention_bias = (1.0 - attention_mask[:, None, None, :].to(base_last.dtype)) * torch.finfo(
-                base_last.dtype
-            ).min
-        outputs = {name: self.adapters[name](hidden_states, attention_bias) for name in adapter_names}
+            attention_bias = (1.0 - attention_mask[:, None, None, :].to(compute)) * torch.finfo(compute).min
+        outputs = {name: self.adapters[name](states, attention_bias, positions) for name in adapter_names}
+        if positions is not None:
+            base_last = _at(base_last, positions)
         return base_last, outputs, hidden_states, base
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The dtype the adapters compute in (None without adapters): the base's outputs are cast to it."""
+        reference = next(self.adapters.parameters(), None)
+        if reference is None:
+            reference = next(self.fusion.parameters(), None)
+        return None if reference is None else reference.dtype
 
     def cached_hidden_state_indices(self, adapter_names: list[str] | None = None) -> list[int]:
         """The base hidden_states a feature cache must hold: the adapters' taps (default: the active ones) plus
@@ -1814,10 +1904,21 @@ class KAdapterModel(KAdapterPreTrainedModel):
                 f"cached_hidden_states must be shaped (batch, {len(indices)}, seq, hidden) for hidden_states "
                 f"{indices}, got {tuple(cached.shape)}: rebuild the feature cache for the active adapters."
             )
-        dtype = next(self.adapters.parameters(), cached).dtype
+        dtype = self._compute_dtype() or cached.dtype
         return {index: cached[:, i].to(dtype) for i, index in enumerate(indices)}
 
-    def _run_base(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions):
+    def _run_base(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        inputs_embeds,
+        output_attentions,
+        output_hidden_states: bool | list[int] = True,
+    ):
+        """The base's forward, under no_grad when nothing in it trains. `output_hidden_states` may list the indices
+        to keep (transformers records the others as None), so the states no adapter reads are freed at once."""
         base_inputs = {
             key: value
             for key, value in dict(
@@ -1831,9 +1932,12 @@ class KAdapterModel(KAdapterPreTrainedModel):
         }
         if output_attentions:
             base_inputs["output_attentions"] = True
+        reference = next(self.pretrained_model.parameters(), None)
+        if inputs_embeds is not None and reference is not None and inputs_embeds.dtype != reference.dtype:
+            base_inputs["inputs_embeds"] = inputs_embeds.to(reference.dtype)  # float32 embeddings, half base
         frozen = self.base_is_frozen() and not (inputs_embeds is not None and inputs_embeds.requires_grad)
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            base = self.pretrained_model(**base_inputs, output_hidden_states=True, return_dict=True)
+            base = self.pretrained_model(**base_inputs, output_hidden_states=output_hidden_states, return_dict=True)
         return base.hidden_states, base.last_hidden_state, base
 
     def adapter_output(self, output: KAdapterModelOutput, name: str) -> torch.Tensor:
@@ -1844,29 +1948,34 @@ class KAdapterModel(KAdapterPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------------------------
-def _gather(
-    features: torch.Tensor, positions: torch.Tensor | None, argument: str, attention_mask: torch.Tensor | None = None
+FIRST_TOKEN = object()  # a head's marker at position 0 in every example (<s> / [CLS]): nothing to check
+
+
+def _marker_positions(
+    positions: torch.Tensor | None,
+    argument: str,
+    batch: int,
+    length: int,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Features at one position per example (the marker tokens of entity and relation heads); a position outside
-    the sequence or on padding is refused (the head would read a feature that belongs to no token)."""
+    """One checked position per example, (batch,) long: the marker tokens of entity and relation heads. A position
+    outside the sequence or on padding is refused (the head would read a feature that belongs to no token)."""
     if positions is None:
         raise ValueError(f"{argument} is required: the position of the marker token in each example.")
-    positions = torch.as_tensor(positions, device=features.device).long()
+    positions = torch.as_tensor(positions, device=device).long()
     if positions.dim() == 2 and positions.shape[1] == 1:
         positions = positions[:, 0]
-    if positions.shape != features.shape[:1]:
-        raise ValueError(
-            f"{argument} must have shape (batch,) = {tuple(features.shape[:1])}, got {tuple(positions.shape)}."
-        )
-    length = features.shape[1]
+    if positions.shape != (batch,):
+        raise ValueError(f"{argument} must have shape (batch,) = {(batch,)}, got {tuple(positions.shape)}.")
     if bool(((positions < 0) | (positions >= length)).any()):
         raise ValueError(
             f"{argument} has positions {positions.tolist()} outside the sequence length {length}: the marker was "
             "probably truncated away; raise max_length or drop those examples."
         )
-    rows = torch.arange(features.shape[0], device=features.device)
     if attention_mask is not None:
-        padded = attention_mask.to(features.device)[rows, positions] == 0
+        rows = torch.arange(batch, device=positions.device)
+        padded = attention_mask.to(positions.device)[rows, positions] == 0
         if bool(padded.any()):
             bad = torch.nonzero(padded).flatten().tolist()
             raise ValueError(
@@ -1875,7 +1984,17 @@ def _gather(
                 "away or the positions were computed for another tokenization. Recompute them with the "
                 "preprocessing functions (hf_kadapter.kadapter.data) or drop those examples."
             )
-    return features[rows, positions]
+    return positions
+
+
+def _sequence_shape(input_ids, inputs_embeds, cached_hidden_states) -> tuple[int, int, torch.device]:
+    """(batch, seq_len, device) of a head's inputs, whichever of them is given."""
+    for tensor in (input_ids, inputs_embeds):
+        if tensor is not None:
+            return tensor.shape[0], tensor.shape[1], tensor.device
+    if cached_hidden_states is not None:
+        return cached_hidden_states.shape[0], cached_hidden_states.shape[2], cached_hidden_states.device
+    raise ValueError("You have to specify input_ids, inputs_embeds or cached_hidden_states.")
 
 
 def _classification_loss(config: KAdapterConfig, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1909,6 +2028,43 @@ class _KAdapterHeadModel(KAdapterPreTrainedModel):
     def _build_head(self, hidden: int, num_labels: int) -> None:
         self.classifier = KAdapterClassificationHead(hidden, hidden, num_labels, self.head_dropout)
 
+    def _marker_positions(self, markers, input_ids, attention_mask, inputs_embeds, cached) -> torch.Tensor:
+        """(batch, P) checked positions from P (argument name, positions or FIRST_TOKEN) pairs."""
+        batch, length, device = _sequence_shape(input_ids, inputs_embeds, cached)
+        columns = [
+            torch.zeros(batch, dtype=torch.long, device=device)
+            if positions is FIRST_TOKEN
+            else _marker_positions(positions, argument, batch, length, attention_mask, device)
+            for argument, positions in markers
+        ]
+        return torch.stack(columns, dim=1)
+
+    def _encode_at(
+        self,
+        markers: list[tuple[str, Any]],
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        position_ids,
+        inputs_embeds,
+        cached_hidden_states=None,
+    ) -> torch.Tensor:
+        """The fused feature at the marker tokens only, (batch, P, hidden): what entity, relation, sequence and
+        multiple-choice heads read. Equal (up to float rounding) to gathering `_encode(...).last_hidden_state` at
+        those positions, without computing the fusion, nor the adapters' last layer, at the other tokens."""
+        positions = self._marker_positions(markers, input_ids, attention_mask, inputs_embeds, cached_hidden_states)
+        base_last, outputs, _, _ = self.kadapter.encode_adapters(
+            self.config.get_active_adapters(),
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            cached_hidden_states,
+            positions=positions,
+        )
+        return self.kadapter.fusion(base_last, outputs)
+
     def _encode(
         self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states=None
     ) -> KAdapterModelOutput:
@@ -1937,10 +2093,16 @@ class KAdapterForSequenceClassification(_KAdapterHeadModel):
         return_dict=None,
         cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        out = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        features = self._encode_at(
+            [("first token", FIRST_TOKEN)],
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            cached_hidden_states,
         )
-        logits = self.classifier(out.last_hidden_state[:, 0])
+        logits = self.classifier(features[:, 0])
         loss = None if labels is None else _classification_loss(self.config, logits, labels)
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 
@@ -1960,10 +2122,16 @@ class KAdapterForEntityTyping(_KAdapterHeadModel):
         return_dict=None,
         cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        out = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        features = self._encode_at(
+            [("entity_positions", entity_positions)],
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            cached_hidden_states,
         )
-        logits = self.classifier(_gather(out.last_hidden_state, entity_positions, "entity_positions", attention_mask))
+        logits = self.classifier(features[:, 0])
         loss = None if labels is None else F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 
@@ -1974,9 +2142,9 @@ class KAdapterForRelationClassification(_KAdapterHeadModel):
     def _build_head(self, hidden: int, num_labels: int) -> None:
         self.classifier = KAdapterClassificationHead(2 * hidden, hidden, num_labels, self.head_dropout)
 
-    def _pair_features(self, features, subject_positions, object_positions, attention_mask=None) -> torch.Tensor:
-        subject = _gather(features, subject_positions, "subject_positions", attention_mask)
-        return torch.cat([subject, _gather(features, object_positions, "object_positions", attention_mask)], dim=-1)
+    @staticmethod
+    def _pair_markers(subject_positions, object_positions) -> list[tuple[str, Any]]:
+        return [("subject_positions", subject_positions), ("object_positions", object_positions)]
 
     def forward(
         self,
@@ -1991,16 +2159,18 @@ class KAdapterForRelationClassification(_KAdapterHeadModel):
         return_dict=None,
         cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
-        out = self._encode(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+        features = self._encode_at(
+            self._pair_markers(subject_positions, object_positions),
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            cached_hidden_states,
         )
-        features = self._features(out)
-        logits = self.classifier(self._pair_features(features, subject_positions, object_positions, attention_mask))
+        logits = self.classifier(features.flatten(1))  # concat(subject feature, object feature)
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
-
-    def _features(self, out: KAdapterModelOutput) -> torch.Tensor:
-        return out.last_hidden_state
 
 
 class _KAdapterPretrainingMixin:
@@ -2032,10 +2202,17 @@ class _KAdapterPretrainingMixin:
         """What a feature cache must hold for this head: its adapter's taps plus the last layer."""
         return self.kadapter.cached_hidden_state_indices([self.pretraining_adapter])
 
-    def _adapter_features(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached):
+    def _adapter_features(
+        self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached, markers=None
+    ):
+        """com_dense(concat(base last hidden, adapter output)), at every token or (`markers`) at the marker tokens
+        only, (batch, P, hidden)."""
         name = self.pretraining_adapter
+        positions = None
+        if markers is not None:
+            positions = self._marker_positions(markers, input_ids, attention_mask, inputs_embeds, cached)
         base_last, outputs, _, _ = self.kadapter.encode_adapters(
-            [name], input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached
+            [name], input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached, positions=positions
         )
         return self.com_dense(torch.cat([base_last, outputs[name]], dim=-1))
 
@@ -2061,9 +2238,15 @@ class KAdapterForFactualPretraining(_KAdapterPretrainingMixin, KAdapterForRelati
         cached_hidden_states=None,
     ) -> SequenceClassifierOutput | tuple:
         features = self._adapter_features(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cached_hidden_states
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            cached_hidden_states,
+            markers=self._pair_markers(subject_positions, object_positions),
         )
-        logits = self.classifier(self._pair_features(features, subject_positions, object_positions, attention_mask))
+        logits = self.classifier(features.flatten(1))
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
         return _finish(SequenceClassifierOutput(loss=loss, logits=logits), return_dict, self.config)
 
@@ -2224,7 +2407,8 @@ class KAdapterForMultipleChoice(_KAdapterHeadModel):
         def flat(x):
             return None if x is None else x.reshape(-1, *x.shape[2:])
 
-        out = self._encode(
+        features = self._encode_at(
+            [("first token", FIRST_TOKEN)],
             flat(input_ids),
             flat(attention_mask),
             flat(token_type_ids),
@@ -2232,7 +2416,7 @@ class KAdapterForMultipleChoice(_KAdapterHeadModel):
             flat(inputs_embeds),
             flat(cached_hidden_states),
         )
-        logits = self.classifier(out.last_hidden_state[:, 0]).view(-1, num_choices)
+        logits = self.classifier(features[:, 0]).view(-1, num_choices)
         loss = None if labels is None else F.cross_entropy(logits, labels.view(-1))
         return _finish(MultipleChoiceModelOutput(loss=loss, logits=logits), return_dict, self.config)
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +30,7 @@ from .modeling_kadapter import KAdapterPreTrainedModel, load_base_model
 logger = logging.getLogger(__name__)
 
 REGIMES = ("paper", "adapters", "lora", "probe")
+HALF_DTYPES = ("bfloat16", "float16")
 RUN_RECORD = "run_arguments.json"
 # TrainingArguments that change what a run trains (the others: logging, saving, evaluation, paths, reporting ...).
 TRAINING_FIELDS = (
@@ -69,6 +70,18 @@ class ModelArguments:
         default=None, metadata={"help": "Dropout of the task head (default: the base's hidden dropout)."}
     )
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example (after markers)."})
+    base_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Keep the frozen base in this dtype (float32, bfloat16, float16) while what trains stays float32: "
+            "half the base's memory, faster where half-precision matmuls are (see docs/performance.md for the "
+            "accuracy cost). Only for a frozen base (pretraining, regimes 'adapters' and 'probe')."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.base_dtype not in HALF_DTYPES + ("float32",):
+            raise ValueError(f"--base_dtype {self.base_dtype!r} is not one of float32, bfloat16, float16.")
 
     def adapter_sources(self) -> list[tuple[str | None, str]]:
         sources: list[tuple[str | None, str]] = []
@@ -103,8 +116,27 @@ class PretrainingArguments(ModelArguments):
         default=None,
         metadata={"help": "Cache the frozen base's hidden states here and reuse them every epoch."},
     )
+    feature_cache_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype the feature cache stores: float32 (the adapter trains exactly as without a cache), "
+            "float16 or bfloat16 (half the disk and the reads; float16 refuses states beyond its range)."
+        },
+    )
     # Arguments that do not change what a run trains (left out of its record in output_dir).
     not_defining_run: ClassVar[tuple[str, ...]] = ("feature_cache_dir",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_cache_dtype not in HALF_DTYPES + ("float32",):
+            raise ValueError(
+                f"--feature_cache_dtype {self.feature_cache_dtype!r} is not one of float32, bfloat16, float16."
+            )
+        if self.feature_cache_dtype != "float32" and not self.feature_cache_dir:
+            raise ValueError(
+                f"--feature_cache_dtype {self.feature_cache_dtype} says how the feature cache stores the base's "
+                "hidden states, but there is no cache: add --feature_cache_dir DIR (or drop the flag)."
+            )
 
     def adapter_config(self, num_hidden_layers: int) -> KnowledgeAdapterConfig:
         taps = (
@@ -141,8 +173,15 @@ class FineTuningArguments(ModelArguments):
     lora_target_modules: str = field(default="query,value", metadata={"help": "Base attention modules LoRA wraps."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.regime not in REGIMES:
             raise ValueError(f"--regime {self.regime!r} is not one of {REGIMES}.")
+        if self.base_dtype != "float32" and self.regime in ("paper", "lora"):
+            raise ValueError(
+                f"--base_dtype {self.base_dtype} keeps the base in half precision, which only a frozen base can be; "
+                f"the regime {self.regime!r} trains it (its weights or LoRA on them). Use --regime adapters or probe, "
+                "or train the base in mixed precision with --bf16 instead."
+            )
 
 
 @dataclass
@@ -220,6 +259,17 @@ def run_record(parsed: tuple, training_args: TrainingArguments) -> dict[str, Any
     return json.loads(json.dumps(record, default=_plain))
 
 
+def _defaults(parsed: tuple) -> dict[str, Any]:
+    """Each recipe argument's default, as the run record writes values."""
+    found = {
+        f.name: f.default
+        for arguments in parsed
+        for f in fields(arguments)
+        if f.default is not MISSING
+    }
+    return json.loads(json.dumps(found, default=_plain))
+
+
 def check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite: bool = False) -> None:
     """Before training into an output_dir that holds a run: resume it when the arguments are the same, refuse
     (naming the changed arguments) when they are not, start over with --overwrite_output_dir. Then record them.
@@ -243,10 +293,13 @@ def _check_output_dir(parsed: tuple, training_args: TrainingArguments, overwrite
         if previous is None:
             changed = ["(no record of the arguments of the run there)"]
         else:
+            defaults = _defaults(parsed)
             changed = [
                 f"--{name}: {previous.get(name)!r} -> {current.get(name)!r}"
                 for name in sorted(set(previous) | set(current))
                 if previous.get(name) != current.get(name)
+                # a flag newer than the recorded run, left at its default, changes nothing in it
+                and not (name not in previous and name in defaults and defaults[name] == current.get(name))
             ]
         if changed:
             raise ValueError(
@@ -317,6 +370,7 @@ def build_pretraining_model(
     model.config.base_model_name_or_path = args.base_model
     _load_adapters(model, args, freeze=True)
     adapter = model.add_adapter(adapter_name, args.adapter_config(base.config.num_hidden_layers))
+    _cast_base(model, args)
     logger.info(
         "pretraining the adapter %r (%s parameters) on the frozen base %s; frozen adapters: %s",
         adapter_name,
@@ -338,7 +392,14 @@ def build_finetuning_model(
     model.config.base_model_name_or_path = args.base_model
     _load_adapters(model, args, freeze=True)
     apply_regime(model, args)
+    _cast_base(model, args)
     return model
+
+
+def _cast_base(model: KAdapterPreTrainedModel, args: ModelArguments) -> None:
+    if args.base_dtype != "float32":
+        model.cast_base(args.base_dtype)
+        logger.info("the frozen base runs in %s; what trains stays %s", args.base_dtype, model._core()._trainable_dtype)
 
 
 def apply_regime(model: KAdapterPreTrainedModel, args: FineTuningArguments) -> None:
@@ -504,6 +565,10 @@ def with_feature_cache(model, features, collator, args: PretrainingArguments, tr
     from .feature_cache import CachedFeatureCollator, build_feature_cache
 
     cache = build_feature_cache(
-        model, features, args.feature_cache_dir, batch_size=training_args.per_device_eval_batch_size
+        model,
+        features,
+        args.feature_cache_dir,
+        batch_size=training_args.per_device_eval_batch_size,
+        dtype=args.feature_cache_dtype,
     )
     return cache.attach(features), CachedFeatureCollator(collator, cache, model=model)

@@ -89,6 +89,25 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    resolved = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype!r}: embedding in half precision takes torch.bfloat16 or torch.float16.")
+    return resolved
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | str | None) -> contextlib.AbstractContextManager:
+    """torch.autocast in `dtype` on the embedder's device (a no-op context for None: float32 as the weights are)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_dtype(dtype))
+
+
+def _differing(previous: dict[str, Any], state: dict[str, Any]) -> list[str]:
+    """The build settings a recorded state does not share with this build (compute_dtype is absent for float32)."""
+    return sorted(key for key in {*state, "compute_dtype"} if previous.get(key) != state.get(key))
+
+
 def _column(rows: Any, name: str, default: str = "") -> list[str]:
     """A text column of a batch of rows (dict of lists or list of dicts); missing or None values give `default`."""
     if isinstance(rows, Mapping):
@@ -282,11 +301,14 @@ class RealmStyleRetriever(HubMixin):
         embedder: nn.Module | None = None,
         output_dir: str | os.PathLike | None = None,
         rows: Sequence[int] | None = None,
+        dtype: torch.dtype | str | None = None,
     ) -> torch.Tensor:
         """Document embeddings [len(rows), D] (float32, CPU) in batches; with `output_dir`, each batch is written
         atomically as `chunk-{start}-{size}.safetensors` and read back instead of embedded when the build resumes
         (a chunk file that is damaged or of another shape is embedded again). Non-finite embeddings are refused,
-        naming the documents."""
+        naming the documents. `dtype` (torch.bfloat16 / torch.float16) runs the embedder under torch.autocast in
+        that precision: several times faster where half-precision matmuls are, its float32 weights untouched (a
+        training embedder needs no half copy); the accuracy cost is measured in docs/performance.md."""
         embedder = self.embedder if embedder is None else embedder
         if rows is None:
             check_corpus(dataset)  # (build_index checks once, then passes rows batch by batch)
@@ -294,6 +316,7 @@ class RealmStyleRetriever(HubMixin):
         embedder.eval()
         rows = list(range(len(dataset))) if rows is None else list(rows)
         folder = None if output_dir is None else Path(output_dir)
+        precision = _autocast(self._device(embedder), dtype)
         pieces = []
         try:
             for start in tqdm(
@@ -307,13 +330,14 @@ class RealmStyleRetriever(HubMixin):
                         pieces.append(stored)
                         continue
                 selected = dataset.select(block) if hasattr(dataset, "select") else [dataset[i] for i in block]
-                embeddings = self._embed_texts(
-                    embedder,
-                    _column(selected, "title"),
-                    _column(selected, "text"),
-                    _column(selected, "id"),
-                    max_length,
-                )
+                with precision:
+                    embeddings = self._embed_texts(
+                        embedder,
+                        _column(selected, "title"),
+                        _column(selected, "text"),
+                        _column(selected, "id"),
+                        max_length,
+                    )
                 if chunk is not None:
                     save_tensors_atomic(chunk, {"embeddings": embeddings})
                 pieces.append(embeddings)
@@ -370,6 +394,7 @@ class RealmStyleRetriever(HubMixin):
         embedder: nn.Module | None = None,
         set_index: bool = True,
         distributed: bool = True,
+        dtype: torch.dtype | str | None = None,
         **index_kwargs: Any,
     ) -> DocumentIndex:
         """Embed every document of `dataset` (columns id, title, text) and build a `DocumentIndex`.
@@ -396,7 +421,9 @@ class RealmStyleRetriever(HubMixin):
         With `output_dir` (a folder all ranks share) rank 0 assembles the index once and the others load it,
         memory-mapped; otherwise the embeddings are exchanged with collectives. `embedder` overrides self.embedder;
         `set_index=False` returns the index without installing it; `distributed=False` embeds everything in this
-        process with no collective calls (required off the main thread). `index_kwargs` go to DocumentIndex.
+        process with no collective calls (required off the main thread).
+        `dtype` embeds in half precision (see embed_corpus; recorded in the build state, so a resumed build never
+        mixes precisions). `index_kwargs` go to DocumentIndex.
         """
         streaming = _is_streaming(dataset)
         corpus_digest = None if streaming else check_corpus(dataset)
@@ -412,7 +439,8 @@ class RealmStyleRetriever(HubMixin):
         with lock:
             build = self._build_streaming if streaming else self._build_index
             index = build(
-                dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
+                dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs,
+                dtype=dtype,
             )
         if set_index:
             self.index = index
@@ -427,8 +455,8 @@ class RealmStyleRetriever(HubMixin):
         if rank == 0:
             if state_path.is_file():
                 previous = read_json(state_path)
-                if any(previous.get(key) != value for key, value in state.items()):
-                    differ = sorted(key for key, value in state.items() if previous.get(key) != value)
+                differ = _differing(previous, state)
+                if differ:
                     raise ValueError(
                         f"{folder} holds a build with different settings (differs in {differ}): its chunks "
                         "cannot be reused. Use another output_dir, or delete this one to start afresh."
@@ -440,12 +468,13 @@ class RealmStyleRetriever(HubMixin):
         if world > 1:
             torch.distributed.barrier()  # the others start once rank 0 holds the folder and checked its state
             previous = read_json(state_path)
-            if any(previous.get(key) != value for key, value in state.items()):
+            if _differing(previous, state):
                 raise ValueError(f"{folder} holds a build with different settings than this rank's.")
 
     def _build_index(
-        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
-    ) -> DocumentIndex:
+        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs,
+        dtype=None,
+    ) -> DocumentIndex:  # fmt: skip
         # Every weight, in its own dtype: chunks embedded by another snapshot (or dtype) are never reused.
         embedder_fingerprint = native_fingerprint(embedder.state_dict().items())
         total = len(dataset)
@@ -461,6 +490,8 @@ class RealmStyleRetriever(HubMixin):
                 "embedder_fingerprint": embedder_fingerprint,
                 "corpus_digest": corpus_digest,
             }
+            if dtype is not None:  # (absent for float32: states written before this option still resume)
+                state["compute_dtype"] = str(_dtype(dtype)).removeprefix("torch.")
             self._build_state(folder, rank, world, state)
         # embed_corpus writes one chunk per call-batch: pass rank-local batches one by one so chunk names match.
         pieces = {}
@@ -475,6 +506,7 @@ class RealmStyleRetriever(HubMixin):
                     embedder=embedder,
                     output_dir=folder,
                     rows=range(start, stop),
+                    dtype=dtype,
                 )
                 if folder is None:  # else the chunk file holds them
                     pieces[i] = embeddings
@@ -542,8 +574,9 @@ class RealmStyleRetriever(HubMixin):
         return index
 
     def _build_streaming(
-        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs
-    ) -> DocumentIndex:
+        self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs,
+        dtype=None,
+    ) -> DocumentIndex:  # fmt: skip
         if world > 1:
             from datasets.distributed import split_dataset_by_node
 
@@ -557,6 +590,8 @@ class RealmStyleRetriever(HubMixin):
         embedder_fingerprint = native_fingerprint(embedder.state_dict().items())
         state = {"build_format": BUILD_FORMAT, "streaming": True, "world_size": world, "batch_size": batch_size,
                  "max_length": max_length, "embedder_fingerprint": embedder_fingerprint}  # fmt: skip
+        if dtype is not None:
+            state["compute_dtype"] = str(_dtype(dtype)).removeprefix("torch.")
         previous = read_json(folder / STATE_NAME) if folder is not None and (folder / STATE_NAME).is_file() else {}
         if rank == 0 and previous and not previous.get("streaming"):
             raise ValueError(
@@ -578,7 +613,7 @@ class RealmStyleRetriever(HubMixin):
                     rows = [_check_row(row, f"Streamed corpus row {count + i} (rank {rank})")
                             for i, row in enumerate(_rows_of_batch(batch))]  # fmt: skip
                     ids = [row[0] for row in rows]
-                    with torch.no_grad():
+                    with torch.no_grad(), _autocast(self._device(embedder), dtype):
                         embeddings = self._embed_texts(
                             embedder, [row[1] or "" for row in rows], [row[2] for row in rows], ids, max_length
                         )
