@@ -18,11 +18,18 @@ PREAMBLE = {"benchmark", "command", "machine", "device", "torch_threads", "pytho
 
 @pytest.fixture(scope="module")
 def benchmarks():
+    """The benchmark scripts, importable; their main() silences transformers' logging (a command line's choice), so
+    the caller's logging settings are restored afterwards (later tests read the load reports)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         yield lambda name: importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
 def _figures(path: Path, name: str) -> dict:
