@@ -270,7 +270,7 @@ def run_realm(
                                                    doc_max_length=settings.doc_max_length)  # fmt: skip
                 callbacks = []
                 if condition == "refreshed":
-                    callbacks.append(IndexRefreshCallback(retriever, corpus, every_n_steps=settings.refresh_every,
+                    callbacks.append(IndexRefreshCallback(retriever, every_n_steps=settings.refresh_every,
                                                           batch_size=128, max_length=settings.doc_max_length))
                 curve = train_small(model, strip, collate, output_dir=workdir / "trainer", seed=seed,
                                     epochs=_epochs(settings, len(strip)), learning_rate=settings.learning_rate,
@@ -316,21 +316,22 @@ def run_realm(
                 reader = OpenQAReader(AutoModel.from_pretrained(settings.mlm, add_pooling_layer=False))
                 closed_book = condition == "closed_book_reader"
 
-                def documents(batch: list[dict[str, Any]]) -> tuple[list[list[str | None]], torch.Tensor | None]:
+                def documents(batch: list[dict[str, Any]]) -> tuple[list, list | None, torch.Tensor | None]:
+                    """Texts, titles and scores of each question's documents (closed book: the null document)."""
                     if closed_book:
-                        return [[""] for _ in batch], None
+                        return [[""] for _ in batch], None, None
                     with torch.no_grad():
                         found = retriever.retrieve([q["question"] for q in batch], k=settings.reader_k, rescore=False,
                                                    doc_max_length=settings.doc_max_length)  # fmt: skip
-                    return found.texts, found.scores.detach()
+                    return found.texts, found.titles, found.scores.detach()
 
                 def reader_batch(batch: list[dict[str, Any]], with_answers: bool) -> dict[str, torch.Tensor]:
-                    texts, scores = documents(batch)
+                    texts, titles, scores = documents(batch)
                     inputs = prepare_reader_inputs(
                         mlm_tokenizer, [q["question"] for q in batch], texts,
                         answers=[q["answers"] for q in batch] if with_answers else None,
                         max_length=settings.query_max_length + settings.doc_max_length,
-                        max_span_width=reader.max_span_width,
+                        max_span_width=reader.max_span_width, titles=titles,
                     )  # fmt: skip
                     if scores is not None:
                         inputs["retrieval_scores"] = scores

@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "kadapter": dict(adapter_hidden=128, adapter_layers=1, adapter_heads=4, pretrain_epochs=3.0, head_epochs=10.0,
                          head_batch=64, paper_regime_seeds=3, paper_train_limit=1500),
         "pelt": dict(max_occurrences=32),
-        "realm": dict(num_documents=3000, train_limit=2000, k=3, batch_size=8, steps=100, refresh_every=25,
+        "realm": dict(num_documents=2000, train_limit=2000, k=3, batch_size=8, steps=80, refresh_every=20,
                       reader_k=4, reader_epochs=2.0),
         "composed": dict(pretrain_epochs=3.0, max_occurrences=32),
     },
