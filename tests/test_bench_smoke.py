@@ -81,6 +81,14 @@ def test_smoke_benchmark_runs_end_to_end_and_resumes(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in units} == stamps
     again = json.loads((output / "results.json").read_text())
     assert again["methods"]["pelt"]["metrics"] == results["methods"]["pelt"]["metrics"]
+    # ... and the report says so: this invocation's wall time covers none of the work, the units' own times do.
+    for method in results["methods"]:
+        first_units, second_units = results["methods"][method]["units"], again["methods"][method]["units"]
+        assert first_units["computed"] > 0 and first_units["resumed"] == 0, method
+        assert second_units == {"computed": 0, "resumed": first_units["computed"], "resumed_without_timing": 0,
+                                "resumed_seconds": second_units["resumed_seconds"]}, method  # fmt: skip
+        assert second_units["resumed_seconds"] > 0
+    assert "read back from an earlier one" in (output / "results.md").read_text()
 
     # Another setting in the same folder is refused, naming the fix, instead of mixing runs.
     other = run_cli("--methods", "pelt", "--set", "pelt.epochs=3", output=output)

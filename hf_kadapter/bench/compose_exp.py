@@ -77,6 +77,7 @@ def run_compose(
     )
     workdir.mkdir(parents=True, exist_ok=True)
     units = UnitStore(workdir / "units", {k: v for k, v in vars(settings).items() if k != "seeds"})
+    result.units = units
     with result.phase("data"):
         tokenizer = AutoTokenizer.from_pretrained(settings.mlm)
         mlm = AutoModelForMaskedLM.from_pretrained(settings.mlm).eval()

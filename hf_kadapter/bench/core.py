@@ -52,6 +52,7 @@ class ExperimentResult:
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
     data: dict[str, Any] = field(default_factory=dict)  # sizes and provenance
     notes: list[str] = field(default_factory=list)
+    units: UnitStore | None = None  # the experiment's stored units: the report says how many were resumed
 
     def runs(self, metric: str, condition: str, reducer: str = "mean", higher_is_better: bool = True) -> MetricRuns:
         by_condition = self.metrics.setdefault(metric, {})
@@ -99,6 +100,7 @@ class ExperimentResult:
             "gains": gains,
             "curves": self.curves,
             "phases_seconds": {k: round(v, 2) for k, v in self.phases.items()},
+            "units": self.units.summary() if self.units is not None else None,
             "data": self.data,
             "notes": self.notes,
         }
@@ -123,16 +125,39 @@ class UnitStore:
         else:
             write_json_atomic(marker, fingerprint, sort_keys=True)
 
+        # What this invocation computed and what it read back: a resumed run's wall time covers only the former, so
+        # the report says how much was resumed and what those units cost when they ran (`unit_seconds.json`).
+        self.timings_path = self.folder / "unit_seconds.json"
+        self.timings = json.loads(self.timings_path.read_text(encoding="utf-8")) if self.timings_path.is_file() else {}
+        self.computed: list[str] = []
+        self.resumed: list[str] = []
+
     def path(self, name: str) -> Path:
         return self.folder / f"{name.replace('/', '__')}.json"
 
     def get_or_run(self, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         path = self.path(name)
         if path.is_file():
+            self.resumed.append(name)
             return json.loads(path.read_text(encoding="utf-8"))
+        started = time.perf_counter()
         value = run()
         write_json_atomic(path, value)
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        write_json_atomic(self.timings_path, self.timings, sort_keys=True)
+        self.computed.append(name)
         return value
+
+    def summary(self) -> dict[str, Any]:
+        """Units computed now and read back; `resumed_seconds` sums what the read-back units took when they ran
+        (units stored before timings were recorded count as unknown)."""
+        known = [self.timings[name] for name in self.resumed if name in self.timings]
+        return {
+            "computed": len(self.computed),
+            "resumed": len(self.resumed),
+            "resumed_seconds": round(sum(known), 1),
+            "resumed_without_timing": len(self.resumed) - len(known),
+        }
 
 
 def seed_everything(seed: int) -> None:

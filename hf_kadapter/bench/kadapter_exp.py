@@ -290,6 +290,7 @@ def run_kadapter(
     )
     workdir.mkdir(parents=True, exist_ok=True)
     units = UnitStore(workdir / "units", {k: v for k, v in vars(settings).items() if k != "seeds"})
+    result.units = units
     with result.phase("data"):
         tokenizer = AutoTokenizer.from_pretrained(settings.encoder)
         data = _Data(settings, suite_dir, workdir / "data", tokenizer)

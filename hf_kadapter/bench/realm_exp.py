@@ -163,6 +163,7 @@ def run_realm(
     )
     workdir.mkdir(parents=True, exist_ok=True)
     units = UnitStore(workdir / "units", {k: v for k, v in vars(settings).items() if k != "seeds"})
+    result.units = units
     with result.phase("data"):
         tokenizer = AutoTokenizer.from_pretrained(settings.encoder)
         mlm_tokenizer = AutoTokenizer.from_pretrained(settings.mlm)

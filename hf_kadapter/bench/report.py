@@ -77,6 +77,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [""] + [f"- {note}" for note in result["notes"]]
         lines += ["", f"Data: {_inline(result['data'])}", ""]
         lines += [f"Phases (s): {_inline(result['phases_seconds'])}", ""]
+        units = result.get("units")
+        if units and units["resumed"]:
+            earlier = f"{units['resumed_seconds']:.0f} s when computed"
+            if units["resumed_without_timing"]:
+                earlier += f", {units['resumed_without_timing']} of them untimed"
+            lines += [f"Units of work: {units['computed']} computed in this invocation, {units['resumed']} read back "
+                      f"from an earlier one ({earlier}); the phase times above cover this invocation only.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
