@@ -79,9 +79,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"Phases (s): {_inline(result['phases_seconds'])}", ""]
         units = result.get("units")
         if units and units["resumed"]:
-            earlier = f"{units['resumed_seconds']:.0f} s when computed"
-            if units["resumed_without_timing"]:
-                earlier += f", {units['resumed_without_timing']} of them untimed"
+            untimed = units["resumed_without_timing"]
+            timed = units["resumed"] - untimed
+            earlier = ", ".join(
+                ([f"{timed} took {units['resumed_seconds']:.0f} s when computed"] if timed else [])
+                + ([f"{untimed} stored before unit times were recorded"] if untimed else [])
+            )
             lines += [f"Units of work: {units['computed']} computed in this invocation, {units['resumed']} read back "
                       f"from an earlier one ({earlier}); the phase times above cover this invocation only.", ""]  # fmt: skip
     return "\n".join(lines)
@@ -100,6 +103,12 @@ MAIN_METRICS = {
     "composed": ("coarse_accuracy", "type_micro_f1"),
     "realm": ("masked_entity_accuracy", "statement_recall@5", "qa_exact_match"),
 }
+
+
+def _tick(condition: str) -> str:
+    """A bar's label, one word per line (a "[paper]" suffix on its own line), so that neighbours never overlap."""
+    name, _, variant = condition.partition("[")
+    return "\n".join([*name.split("_"), *([f"[{variant}"] if variant else [])])
 
 
 def plot(results: dict[str, Any], output_dir: Path) -> list[Path]:
@@ -125,7 +134,7 @@ def plot(results: dict[str, Any], output_dir: Path) -> list[Path]:
                 for i, n in enumerate(names):
                     values = [v * _scale(metric) for v in by_condition[n]["per_seed"].values()]
                     axis.scatter([i] * len(values), values, color="black", s=8, zorder=3)
-                axis.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+                axis.set_xticks(range(len(names)), [_tick(n) for n in names], fontsize=7)
                 axis.set_title(metric, fontsize=9)
                 finite = [m for m in means if not math.isnan(m)]
                 if finite:
@@ -165,6 +174,7 @@ def plot(results: dict[str, Any], output_dir: Path) -> list[Path]:
             axis.set_xlabel("k")
             axis.set_ylabel("statement recall@k (%)")
             axis.set_xscale("log")
+            axis.set_xticks(ks, [str(k) for k in ks])  # the k measured, not powers of ten
             axis.legend(fontsize=7)
             figure.tight_layout()
             path = output_dir / f"{method}_recall_at_k.png"

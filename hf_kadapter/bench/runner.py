@@ -47,12 +47,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                          pretrain_epochs=1.0, head_epochs=1.0),
     },
     "quick": {
-        "kadapter": dict(fact_limit=1200, typing_train_limit=1500, typing_test_limit=None, adapter_hidden=128,
-                         adapter_layers=1, adapter_heads=4, max_length=48, pretrain_epochs=2.0, head_epochs=8.0,
+        "kadapter": dict(fact_limit=800, typing_train_limit=1500, typing_test_limit=1000, adapter_hidden=128,
+                         adapter_layers=1, adapter_heads=4, max_length=48, pretrain_epochs=2.0, head_epochs=5.0,
                          head_batch=64),
         "pelt": dict(train_limit=1500, eval_limit=None, max_occurrences=8),
-        "realm": dict(num_documents=1000, train_limit=400, eval_limit=150, k=3, batch_size=4, steps=50,
-                      refresh_every=15, doc_max_length=32, reader_k=3, reader_epochs=1.0),
+        "realm": dict(num_documents=800, train_limit=400, eval_limit=150, k=3, batch_size=4, steps=36,
+                      refresh_every=12, doc_max_length=32, reader_k=3, reader_epochs=1.0),
         "composed": dict(fact_limit=1200, train_limit=1000, max_occurrences=8, head_epochs=5.0),
     },
     "full": {
