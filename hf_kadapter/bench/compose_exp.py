@@ -19,7 +19,7 @@ import numpy as np
 
 from .core import ExperimentResult, GainSpec, UnitStore, predict_batches, seed_everything, train_small
 from .kadapter_exp import _subsample, _write_jsonl, fact_label
-from .pelt_exp import _limit, _shuffled, new_domain_table
+from .pelt_exp import NAME_TYPING_NOTES, _limit, _shuffled, new_domain_table
 from .wordnet import COARSE_TYPES, read_table, suite_manifest
 
 CONDITIONS = {
@@ -175,19 +175,11 @@ def run_compose(
             with result.phase("downstream typing"):
                 outcome = units.get_or_run(f"typing/{condition}/seed{seed}", downstream)
             logits = np.array(outcome["logits"])
-            correct = (coarse_ids[logits[:, coarse_ids].argmax(-1)] == gold_coarse).astype(float)
-            predicted = logits > 0
-            result.runs("coarse_accuracy", condition).add(seed, score=correct)
-            result.runs("type_micro_f1", condition, reducer="micro_f1").add(
-                seed, tp=(predicted & gold).sum(-1), fp=(predicted & ~gold).sum(-1), fn=(~predicted & gold).sum(-1)
-            )
+            correct = result.add_typing_scores(condition, seed, logits, gold, coarse_ids, gold_coarse)
             result.curves.setdefault("typing_loss", {}).setdefault(condition, {})[str(seed)] = outcome["curve"]
             progress(f"  composed {condition}, seed {seed}: coarse accuracy {correct.mean():.3f}")
 
-    result.metric_notes = {
-        "coarse_accuracy": f"coarse type ({', '.join(COARSE_TYPES)}) of held-out entities from the name",
-        "type_micro_f1": "micro F1 over coarse + fine types (multi-label, logit > 0)",
-    }
+    result.metric_notes = dict(NAME_TYPING_NOTES)
     for metric in ("coarse_accuracy", "type_micro_f1"):
         result.gains += [
             GainSpec(f"K-Adapter + PELT − K-Adapter ({metric})", "kadapter_pelt", "kadapter", metric),

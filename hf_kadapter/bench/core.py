@@ -60,6 +60,27 @@ class ExperimentResult:
             by_condition[condition] = MetricRuns(reducer=reducer, higher_is_better=higher_is_better)
         return by_condition[condition]
 
+    def add_typing_scores(
+        self,
+        condition: str,
+        seed: int,
+        logits: np.ndarray,
+        gold: np.ndarray,
+        coarse_ids: np.ndarray,
+        gold_coarse: np.ndarray,
+        prefix: str = "",
+    ) -> np.ndarray:
+        """Score multi-label typing logits [N, types] against `gold` [N, types] (bool): `{prefix}coarse_accuracy`
+        (the argmax over the coarse types `coarse_ids` equals `gold_coarse`) and `{prefix}type_micro_f1` (logit > 0).
+        Returns the per-example coarse correctness, for subsets and progress lines."""
+        correct = (coarse_ids[logits[:, coarse_ids].argmax(-1)] == gold_coarse).astype(float)
+        predicted = logits > 0
+        self.runs(f"{prefix}coarse_accuracy", condition).add(seed, score=correct)
+        self.runs(f"{prefix}type_micro_f1", condition, reducer="micro_f1").add(
+            seed, tp=(predicted & gold).sum(-1), fp=(predicted & ~gold).sum(-1), fn=(~predicted & gold).sum(-1)
+        )
+        return correct
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         started = time.perf_counter()

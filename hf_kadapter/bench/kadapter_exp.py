@@ -410,12 +410,7 @@ def run_kadapter(
         prefix = "" if task == "context" else "name_"
         logits = np.array(outcome["logits"])
         gold = np.array(data.typing[eval_name]["labels"]) > 0.5
-        correct = (coarse_ids[logits[:, coarse_ids].argmax(-1)] == data.gold_coarse[task]).astype(float)
-        predicted = logits > 0
-        result.runs(f"{prefix}coarse_accuracy", name).add(seed, score=correct)
-        result.runs(f"{prefix}type_micro_f1", name, reducer="micro_f1").add(
-            seed, tp=(predicted & gold).sum(-1), fp=(predicted & ~gold).sum(-1), fn=(~predicted & gold).sum(-1)
-        )
+        correct = result.add_typing_scores(name, seed, logits, gold, coarse_ids, data.gold_coarse[task], prefix)
         in_facts = data.eval_in_facts[task]
         for subset, rows in (("in_facts", in_facts), ("not_in_facts", ~in_facts)):
             result.runs(f"{prefix}coarse_accuracy[{subset}]", name).add(seed, score=correct[rows])
