@@ -170,6 +170,29 @@ def test_documents_dataset_round_trip(tmp_path):
     assert loaded.get_documents(["b"])[0]["title"] == "B"
 
 
+def test_document_lookup_follows_changed_documents():
+    """Swapping in documents of the same length, or editing a list in place, never returns another document."""
+    from hf_kadapter import RealmStyleRetriever
+
+    datasets = pytest.importorskip("datasets")
+    first = datasets.Dataset.from_dict({"id": ["a", "b"], "title": ["A", "B"], "text": ["ay", "bee"]})
+    second = datasets.Dataset.from_dict({"id": ["b", "a"], "title": ["B2", "A2"], "text": ["bee2", "ay2"]})
+    index = DocumentIndex(["a", "b"], torch.eye(2), documents=first)
+    assert index.get_documents(["a"])[0]["text"] == "ay"
+    index.documents = second
+    assert [d["text"] for d in index.get_documents(["a", "b"])] == ["ay2", "bee2"]
+
+    records = [{"id": "a", "title": "A", "text": "ay"}, {"id": "b", "title": "B", "text": "bee"}]
+    retriever = RealmStyleRetriever(embedder=None, tokenizer=None, documents=records)
+    assert retriever.get_documents(["b"])[0]["text"] == "bee"
+    records[0], records[1] = records[1], {"id": "c", "title": "C", "text": "see"}  # same length, edited in place
+    assert retriever.get_documents(["c", "b"]) == [records[1], records[0]]
+    with pytest.raises(KeyError, match="'a'"):
+        retriever.get_documents(["a"])
+    retriever.documents = second
+    assert retriever.get_documents(["a"])[0]["title"] == "A2"
+
+
 # ----- faiss --------------------------------------------------------------------------------------------------
 
 

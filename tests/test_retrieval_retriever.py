@@ -198,6 +198,28 @@ def test_build_index_resumable(tmp_path, corpus, monkeypatch):
         retriever.build_index(corpus, batch_size=3, max_length=32, output_dir=output, progress=False)
 
 
+def test_embed_corpus_folder_reused_only_by_the_same_build(tmp_path, corpus):
+    """embed_corpus(output_dir=) called directly keeps a build state too: its chunks resume the same corpus and
+    embedder, and an edited corpus or another embedder snapshot is refused instead of mixed with them."""
+    retriever = RealmStyleRetriever(make_embedder(), tiny_tokenizer(tmp_path))
+    output = tmp_path / "chunks"
+    first = retriever.embed_corpus(corpus, batch_size=3, max_length=32, progress=False, output_dir=output)
+    chunks = sorted(output.glob("chunk-*.safetensors"))
+    assert (output / "build_state.json").is_file() and len(chunks) == -(-len(corpus) // 3)
+    again = retriever.embed_corpus(corpus, batch_size=3, max_length=32, progress=False, output_dir=output)
+    torch.testing.assert_close(again, first)
+    # build_index with the same settings resumes from these chunks.
+    index = retriever.build_index(corpus, batch_size=3, max_length=32, output_dir=output, progress=False)
+    torch.testing.assert_close(index.embeddings, first)
+    edited = corpus.map(lambda row: {"text": row["text"] + " (edited)"})
+    with pytest.raises(ValueError, match="different settings"):
+        retriever.embed_corpus(edited, batch_size=3, max_length=32, progress=False, output_dir=output)
+    with torch.no_grad():
+        next(retriever.embedder.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="different settings"):
+        retriever.embed_corpus(corpus, batch_size=3, max_length=32, progress=False, output_dir=output)
+
+
 def test_no_index_error(tmp_path):
     with pytest.raises(ValueError, match="build_index"):
         RealmStyleRetriever(make_embedder(), tiny_tokenizer(tmp_path)).retrieve(["a"], k=1)
@@ -288,8 +310,9 @@ def test_build_index_rank_split_simulated_with_threads(tmp_path, corpus, monkeyp
     """Fast stand-in for the gloo test: two threads play ranks 0 and 1 (torch.distributed calls patched)."""
     import hf_kadapter.retrieval.retriever as retriever_module
 
-    local, barrier, shared = threading.local(), threading.Barrier(2), {}
+    local, barrier, shared = threading.local(), threading.Barrier(2, timeout=60), {}
     embedded_rows: dict[int, list[str]] = {0: [], 1: []}
+    refused: dict[int, str] = {}
 
     def all_reduce(tensor, op=None):
         shared[local.rank] = tensor.clone()
@@ -308,18 +331,23 @@ def test_build_index_rank_split_simulated_with_threads(tmp_path, corpus, monkeyp
         local.rank = rank
         try:
             retriever = retrievers[rank]
-            original = retriever.embed_corpus
+            original = retriever._embed_rows
 
-            def spy(dataset, **kwargs):
-                embedded_rows[rank].extend(kwargs["rows"])
-                return original(dataset, **kwargs)
+            def spy(dataset, batch_size, max_length, progress, embedder, folder, rows, dtype):
+                embedded_rows[rank].extend(rows)
+                return original(dataset, batch_size, max_length, progress, embedder, folder, rows, dtype)
 
-            retriever.embed_corpus = spy
+            retriever._embed_rows = spy
             for mode, output_dir in (("gather", None), ("folder", tmp_path / "build")):
                 index = retriever.build_index(
                     corpus, batch_size=2, max_length=32, output_dir=output_dir, progress=False
                 )
                 results[mode, rank] = (index.ids, index.embeddings)
+            # Other settings in the same folder: every rank is refused (none left waiting at a barrier).
+            try:
+                retriever.build_index(corpus, batch_size=3, max_length=32, output_dir=tmp_path / "build")
+            except ValueError as error:
+                refused[rank] = str(error)
         except BaseException as error:  # pragma: no cover - reported below
             errors.append(error)
             barrier.abort()
@@ -334,6 +362,7 @@ def test_build_index_rank_split_simulated_with_threads(tmp_path, corpus, monkeyp
     for thread in threads:
         thread.join()
     assert not errors, errors
+    assert sorted(refused) == [0, 1] and all("different settings" in message for message in refused.values())
     # Batches of 2 rows go round-robin: rank 0 embeds rows 0, 1, 4, 5; rank 1 rows 2, 3, 6 (twice: two modes).
     assert embedded_rows[0] == [0, 1, 4, 5] * 2 and embedded_rows[1] == [2, 3, 6] * 2
     monkeypatch.undo()

@@ -56,7 +56,7 @@ import torch
 
 from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, model_card, resolve_folder, split_download_kwargs
 from ..utils.io import DamagedFileError, FolderCommit, read_json, reading_folder
-from .storage import IdTable, SafetensorsStreamWriter, VectorStore, exact_topk, map_safetensors
+from .storage import DocumentRows, IdTable, SafetensorsStreamWriter, VectorStore, exact_topk, map_safetensors
 
 BACKENDS = ("exact", "faiss")
 FAISS_INDEXES = ("ivf", "hnsw", "ivfpq", "ivfsq")
@@ -264,7 +264,7 @@ class DocumentIndex(HubMixin):
         self._next_key = next_key
         self._dim = dim
         self._device = torch.device(device)
-        self._doc_rows: dict[str, int] | None = None
+        self._doc_rows = DocumentRows()
         self.documents = documents
         self._faiss = None
         self._journal: list[tuple[str, list[str]]] | None = None
@@ -301,7 +301,7 @@ class DocumentIndex(HubMixin):
         if self._faiss is not None:
             other._faiss = _import_faiss().clone_index(self._faiss)
         other._journal = None
-        other._doc_rows = None
+        other._doc_rows = DocumentRows()
         return other
 
     @property
@@ -322,7 +322,7 @@ class DocumentIndex(HubMixin):
     @documents.setter
     def documents(self, value: Any) -> None:
         self._documents = value
-        self._doc_rows = None
+        self._doc_rows.reset()
 
     @property
     def dim(self) -> int:
@@ -416,14 +416,8 @@ class DocumentIndex(HubMixin):
             raise ValueError("This DocumentIndex has no `documents` dataset attached.")
         ids = list(ids)
         if "id" in getattr(self.documents, "column_names", []):
-            if self._doc_rows is None:
-                self._doc_rows = {str(doc_id): row for row, doc_id in enumerate(self.documents["id"])}
-            missing = [doc_id for doc_id in ids if doc_id not in self._doc_rows]
-            if missing:
-                raise KeyError(f"document ids not in the documents dataset: {missing[:5]!r}.")
-            positions = [self._doc_rows[doc_id] for doc_id in ids]
-        else:
-            positions = self.rows(ids).tolist()
+            return self._doc_rows.fetch(self.documents, ids, "the documents dataset")
+        positions = self.rows(ids).tolist()
         selected = self.documents.select(positions)
         return [selected[i] for i in range(len(positions))]
 

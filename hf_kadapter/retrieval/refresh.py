@@ -468,7 +468,6 @@ class IndexRefreshCallback(TrainerCallback):
         retriever.index = index
         if documents is not None:
             retriever.documents = documents
-            retriever._doc_rows = None
         self.refreshes = [tuple(pair) for pair in record.get("refreshes", [])]
         self.history = list(record.get("history", []))
         if pending is not None:

@@ -45,7 +45,7 @@ from ..utils.io import (
 )
 from .index import SETTINGS as INDEX_SETTINGS
 from .index import DocumentIndex, check_finite_rows
-from .storage import IdTable, SafetensorsStreamWriter, map_safetensors
+from .storage import DocumentRows, IdTable, SafetensorsStreamWriter, map_safetensors
 
 __all__ = ["NULL_DOC_ID", "RealmStyleRetriever", "RetrievalOutput"]
 
@@ -238,27 +238,24 @@ class RealmStyleRetriever(HubMixin):
         self.index = index
         if documents is None and index is not None:
             documents = index.documents
+        self._doc_rows = DocumentRows()
         self.documents = documents
-        self._doc_rows: dict[str, int] | None = None
 
     # ----- documents ---------------------------------------------------------------------------------------------
-    def _document_rows(self) -> dict[str, int]:
-        if self._doc_rows is None or len(self._doc_rows) != len(self.documents):
-            ids = self.documents["id"] if hasattr(self.documents, "column_names") else [d["id"] for d in self.documents]
-            self._doc_rows = {str(doc_id): row for row, doc_id in enumerate(ids)}
-        return self._doc_rows
+    @property
+    def documents(self) -> Any:
+        """The documents (a `datasets.Dataset` or a list of dicts: id, title, text); setting them resets the id look-up."""
+        return self._documents
+
+    @documents.setter
+    def documents(self, value: Any) -> None:
+        self._documents = value
+        self._doc_rows.reset()
 
     def get_documents(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         if self.documents is None:
             raise ValueError("RealmStyleRetriever has no documents: pass `documents` (columns id, title, text).")
-        rows = self._document_rows()
-        missing = [doc_id for doc_id in ids if doc_id not in rows]
-        if missing:
-            raise KeyError(f"document ids not in the documents: {missing[:5]!r}")
-        if hasattr(self.documents, "select"):
-            selected = self.documents.select([rows[doc_id] for doc_id in ids])
-            return [selected[i] for i in range(len(ids))]
-        return [self.documents[rows[doc_id]] for doc_id in ids]
+        return self._doc_rows.fetch(self.documents, ids)
 
     def tokenize_documents(self, titles: Sequence[str], texts: Sequence[str], max_length: int = 288) -> dict:
         """title [SEP] text, as REALM/ORQA's document blocks (a pair; an empty title gives [CLS] [SEP] text [SEP]).
@@ -308,14 +305,35 @@ class RealmStyleRetriever(HubMixin):
         (a chunk file that is damaged or of another shape is embedded again). Non-finite embeddings are refused,
         naming the documents. `dtype` (torch.bfloat16 / torch.float16) runs the embedder under torch.autocast in
         that precision: several times faster where half-precision matmuls are, its float32 weights untouched (a
-        training embedder needs no half copy); the accuracy cost is measured in docs/performance.md."""
+        training embedder needs no half copy); the accuracy cost is measured in docs/performance.md.
+        The folder's chunks are only reused by the same build: `output_dir` gets the `build_state.json` build_index
+        writes (corpus digest, embedder fingerprint, batch_size, max_length, dtype), and a folder holding another
+        build's chunks is refused instead of mixed in."""
         embedder = self.embedder if embedder is None else embedder
-        if rows is None:
-            check_corpus(dataset)  # (build_index checks once, then passes rows batch by batch)
+        digest = check_corpus(dataset)
+        if output_dir is None:
+            return self._embed_rows(dataset, batch_size, max_length, progress, embedder, None, rows, dtype)
+        folder = Path(output_dir)
+        with build_lock(folder):
+            fingerprint = native_fingerprint(embedder.state_dict().items())
+            self._build_state(folder, 0, 1, self._state(dataset, digest, batch_size, max_length, fingerprint, 1, dtype))
+            return self._embed_rows(dataset, batch_size, max_length, progress, embedder, folder, rows, dtype)
+
+    def _embed_rows(
+        self,
+        dataset: Any,
+        batch_size: int,
+        max_length: int,
+        progress: bool,
+        embedder: nn.Module,
+        folder: Path | None,
+        rows: Sequence[int] | None,
+        dtype: torch.dtype | str | None,
+    ) -> torch.Tensor:
+        """embed_corpus's work, on a corpus already checked (build_index checks it once, then passes its batches)."""
         was_training = embedder.training
         embedder.eval()
         rows = list(range(len(dataset))) if rows is None else list(rows)
-        folder = None if output_dir is None else Path(output_dir)
         precision = _autocast(self._device(embedder), dtype)
         pieces = []
         try:
@@ -445,19 +463,19 @@ class RealmStyleRetriever(HubMixin):
         if set_index:
             self.index = index
             self.documents = None if streaming else dataset  # the new corpus, a list included
-            self._doc_rows = None
         return index
 
     def _build_state(self, folder: Path, rank: int, world: int, state: dict[str, Any]) -> None:
         """Record a new build's settings in `folder`, or check that the build found there has the same ones."""
         folder.mkdir(parents=True, exist_ok=True)
         state_path = folder / STATE_NAME
+        problem = None
         if rank == 0:
             if state_path.is_file():
                 previous = read_json(state_path)
                 differ = _differing(previous, state)
                 if differ:
-                    raise ValueError(
+                    problem = ValueError(
                         f"{folder} holds a build with different settings (differs in {differ}): its chunks "
                         "cannot be reused. Use another output_dir, or delete this one to start afresh."
                     )
@@ -466,10 +484,35 @@ class RealmStyleRetriever(HubMixin):
                     stale.unlink()
                 write_json_atomic(state_path, {**state, "complete": False})
         if world > 1:
-            torch.distributed.barrier()  # the others start once rank 0 holds the folder and checked its state
-            previous = read_json(state_path)
-            if _differing(previous, state):
-                raise ValueError(f"{folder} holds a build with different settings than this rank's.")
+            # The others start once rank 0 holds the folder and checked its state; rank 0 raises only after this
+            # barrier, so a refused build stops every rank (each then reads the other build's state) instead of
+            # leaving them waiting for a timeout.
+            torch.distributed.barrier()
+        if problem is not None:
+            raise problem
+        if world > 1 and _differing(read_json(state_path), state):
+            raise ValueError(
+                f"{folder} holds a build with different settings than this rank's: every rank must build the same "
+                "corpus with the same embedder and settings (or use another output_dir)."
+            )
+
+    @staticmethod
+    def _state(
+        dataset: Any, corpus_digest: str, batch_size: int, max_length: int, fingerprint: str, world: int, dtype: Any
+    ) -> dict[str, Any]:
+        """What a build folder's chunks depend on (its build_state.json, without "complete")."""
+        state = {
+            "build_format": BUILD_FORMAT,
+            "num_documents": len(dataset),
+            "batch_size": batch_size,
+            "max_length": max_length,
+            "world_size": world,
+            "embedder_fingerprint": fingerprint,
+            "corpus_digest": corpus_digest,
+        }
+        if dtype is not None:  # (absent for float32: states written before this option still resume)
+            state["compute_dtype"] = str(_dtype(dtype)).removeprefix("torch.")
+        return state
 
     def _build_index(
         self, dataset, corpus_digest, rank, world, folder, batch_size, max_length, progress, embedder, index_kwargs,
@@ -481,32 +524,15 @@ class RealmStyleRetriever(HubMixin):
         batches = [(s, min(s + batch_size, total)) for s in range(0, total, batch_size)]
         state = {}
         if folder is not None:
-            state = {
-                "build_format": BUILD_FORMAT,
-                "num_documents": total,
-                "batch_size": batch_size,
-                "max_length": max_length,
-                "world_size": world,
-                "embedder_fingerprint": embedder_fingerprint,
-                "corpus_digest": corpus_digest,
-            }
-            if dtype is not None:  # (absent for float32: states written before this option still resume)
-                state["compute_dtype"] = str(_dtype(dtype)).removeprefix("torch.")
+            state = self._state(dataset, corpus_digest, batch_size, max_length, embedder_fingerprint, world, dtype)
             self._build_state(folder, rank, world, state)
         # embed_corpus writes one chunk per call-batch: pass rank-local batches one by one so chunk names match.
         pieces = {}
         bar = tqdm(total=len(batches), desc="Building index", disable=not progress or rank != 0, leave=False)
         for i, (start, stop) in enumerate(batches):
             if i % world == rank:
-                embeddings = self.embed_corpus(
-                    dataset,
-                    batch_size=stop - start,
-                    max_length=max_length,
-                    progress=False,
-                    embedder=embedder,
-                    output_dir=folder,
-                    rows=range(start, stop),
-                    dtype=dtype,
+                embeddings = self._embed_rows(
+                    dataset, stop - start, max_length, False, embedder, folder, range(start, stop), dtype
                 )
                 if folder is None:  # else the chunk file holds them
                     pieces[i] = embeddings
@@ -673,9 +699,7 @@ class RealmStyleRetriever(HubMixin):
         present = [doc_id for doc_id in ids if doc_id in self.index]
         if present:  # refused before any embedding
             raise ValueError(f"documents {present[:5]} are already in the index: ids must be unique.")
-        embeddings = self.embed_corpus(
-            dataset, batch_size=batch_size, max_length=max_length, progress=progress, rows=range(len(dataset))
-        )
+        embeddings = self._embed_rows(dataset, batch_size, max_length, progress, self.embedder, None, None, None)
         self.index.add(ids, embeddings)
         if self.documents is None:
             self.documents = dataset
@@ -692,7 +716,6 @@ class RealmStyleRetriever(HubMixin):
             self.documents = list(self.documents) + list(dataset)
         if self.index.documents is not None:
             self.index.documents = self.documents
-        self._doc_rows = None
 
     def remove_documents(self, ids: Sequence[str]) -> None:
         """Remove documents from the index (DocumentIndex.remove); the documents dataset keeps its rows (they are

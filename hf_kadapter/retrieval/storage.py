@@ -29,7 +29,7 @@ import xxhash
 
 from ..utils.io import DamagedFileError, safetensors_problem
 
-__all__ = ["IdTable", "SafetensorsStreamWriter", "VectorStore", "exact_topk", "map_safetensors"]
+__all__ = ["DocumentRows", "IdTable", "SafetensorsStreamWriter", "VectorStore", "exact_topk", "map_safetensors"]
 
 _ST_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8"}
 _NP_DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
@@ -39,6 +39,49 @@ HEADER_RESERVE = 4096  # bytes kept for a streamed file's header (a few tensors 
 # ---------------------------------------------------------------------------------------------------------------
 # Document ids
 # ---------------------------------------------------------------------------------------------------------------
+class DocumentRows:
+    """Looks documents up by id in a documents collection (a `datasets.Dataset` or a list of dicts with an "id").
+
+    The id -> row map is built on first use and rebuilt when the collection is another object or has another length;
+    every look-up also checks the ids of the records it returns and rebuilds the map once if one differs, so a list
+    edited in place (or a collection of the same length swapped in) never yields another document's text.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, int] = {}
+        self._key: tuple[int, int] | None = None
+
+    def reset(self) -> None:
+        self._rows, self._key = {}, None
+
+    def _map(self, documents: Any, rebuild: bool) -> dict[str, int]:
+        key = (id(documents), len(documents))
+        if rebuild or key != self._key:
+            ids = documents["id"] if hasattr(documents, "column_names") else [d["id"] for d in documents]
+            self._rows, self._key = {str(doc_id): row for row, doc_id in enumerate(ids)}, key
+        return self._rows
+
+    def fetch(self, documents: Any, ids: Sequence[str], what: str = "the documents") -> list[dict[str, Any]]:
+        """The records of `ids`, in order; KeyError naming the ids `documents` lacks."""
+        ids = [str(doc_id) for doc_id in ids]
+        for rebuild in (False, True):
+            rows = self._map(documents, rebuild)
+            missing = [doc_id for doc_id in ids if doc_id not in rows]
+            if missing:
+                if not rebuild:
+                    continue
+                raise KeyError(f"document ids not in {what}: {missing[:5]!r}.")
+            positions = [rows[doc_id] for doc_id in ids]
+            if hasattr(documents, "select"):
+                selected = documents.select(positions)
+                records = [selected[i] for i in range(len(positions))]
+            else:
+                records = [documents[row] for row in positions]
+            if all(str(record["id"]) == doc_id for record, doc_id in zip(records, ids, strict=True)):
+                return records
+        raise KeyError(f"{what} changed while being read: look the documents up again.")  # pragma: no cover
+
+
 def _encode(value: str) -> bytes:
     return value.encode("utf-8", errors="surrogatepass")
 
