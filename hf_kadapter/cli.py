@@ -5,7 +5,7 @@
     hf-kadapter build-index --encoder E --corpus docs.jsonl --output-dir retriever
     hf-kadapter build-cache --model kadapter-folder --task factual --data trex.json --output-dir cache
     hf-kadapter build-suite                        # rebuild the WordNet suite from /usr/share/wordnet
-    hf-kadapter convert-kadapter pytorch_model.bin --base roberta-large --output_dir fac-adapter
+    hf-kadapter convert-kadapter pytorch_model.bin --base roberta-large --output-dir fac-adapter
     hf-kadapter convert-realm embedder google-realm-embedder-folder realm-embedder
 
 Each long job shows progress bars and resumes after an interruption (rerun the same command); each takes the same

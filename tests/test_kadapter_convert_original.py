@@ -224,7 +224,7 @@ def test_official_file_through_the_cli_and_back(tmp_path, roberta_base, capsys):
     folder.mkdir()
     torch.save({f"module.{k}": v for k, v in state.items()}, folder / "pytorch_model.bin")
     output = tmp_path / "converted"
-    argv = [str(folder), "--base", roberta_base, "--output_dir", str(output), "--tap_layers", *map(str, TAPS)]
+    argv = [str(folder), "--base", roberta_base, "--output-dir", str(output), "--tap_layers", *map(str, TAPS)]
     main([*argv, "--num_attention_heads", str(HEADS), "--adapter_name", "fac"])
     assert "saved KAdapterModel with adapter(s) ['fac']" in capsys.readouterr().out
     assert (output / "model.safetensors").is_file() and not list(output.glob("*.bin"))

@@ -357,15 +357,20 @@ def main(argv: list[str] | None = None) -> KAdapterPreTrainedModel:
     )
     parser.add_argument("checkpoint", help="the official pytorch_model.bin (or its folder)")
     parser.add_argument("--base", required=True, help="the base it was trained on (Hub id or folder): roberta-large")
-    parser.add_argument("--output_dir", required=True, help="where to save the hf_kadapter model")
-    parser.add_argument("--adapter_name", help="name of the adapter (default: factual / linguistic / adapter)")
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="where to save the hf_kadapter model")
+    parser.add_argument(
+        "--adapter-name", "--adapter_name", help="name of the adapter (default: factual / linguistic / adapter)"
+    )
     parser.add_argument("--kind", choices=_KINDS, default="auto", help="which pretraining head (auto: detect)")
     parser.add_argument(
-        "--tap_layers", type=int, nargs="+", default=list(RELEASED_TAP_LAYERS), help="the --adapter_list used"
+        "--tap-layers", "--tap_layers", type=int, nargs="+", default=list(RELEASED_TAP_LAYERS),
+        help="the --adapter_list used",
     )
-    parser.add_argument("--num_attention_heads", type=int, default=12, help="adapter heads (12 in released runs)")
+    parser.add_argument(
+        "--num-attention-heads", "--num_attention_heads", type=int, default=12, help="adapter heads (12 in released runs)"
+    )
     parser.add_argument("--prefix", default="", help="key prefix of the adapter (e.g. fac_adapter. in ETModel)")
-    parser.add_argument("--with_head", action="store_true", help="keep the official pretraining head")
+    parser.add_argument("--with-head", "--with_head", action="store_true", help="keep the official pretraining head")
     args = parser.parse_args(argv)
     model = convert_kadapter_original(
         args.checkpoint,
