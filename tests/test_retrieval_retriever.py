@@ -198,6 +198,23 @@ def test_build_index_resumable(tmp_path, corpus, monkeypatch):
         retriever.build_index(corpus, batch_size=3, max_length=32, output_dir=output, progress=False)
 
 
+def test_index_building_records_no_autograd_graph(tmp_path, corpus, monkeypatch):
+    """build_index, embed_corpus and add_documents embed without building a graph (memory and time of a forward)."""
+    retriever = RealmStyleRetriever(make_embedder(), tiny_tokenizer(tmp_path))
+    original, grad_modes = retriever.embedder.embed_documents, []
+
+    def spy(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(retriever.embedder, "embed_documents", spy)
+    retriever.build_index(corpus.select(range(4)), batch_size=2, max_length=32, progress=False)
+    retriever.build_index(corpus, batch_size=2, max_length=32, progress=False, output_dir=tmp_path / "b")
+    retriever.embed_corpus(corpus, batch_size=4, max_length=32, progress=False)
+    retriever.add_documents([{"id": "new", "title": "New", "text": "a new document"}], max_length=32, progress=False)
+    assert grad_modes and not any(grad_modes)
+
+
 def test_embed_corpus_folder_reused_only_by_the_same_build(tmp_path, corpus):
     """embed_corpus(output_dir=) called directly keeps a build state too: its chunks resume the same corpus and
     embedder, and an edited corpus or another embedder snapshot is refused instead of mixed with them."""

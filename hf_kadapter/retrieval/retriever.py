@@ -319,6 +319,7 @@ class RealmStyleRetriever(HubMixin):
             self._build_state(folder, 0, 1, self._state(dataset, digest, batch_size, max_length, fingerprint, 1, dtype))
             return self._embed_rows(dataset, batch_size, max_length, progress, embedder, folder, rows, dtype)
 
+    @torch.no_grad()
     def _embed_rows(
         self,
         dataset: Any,
