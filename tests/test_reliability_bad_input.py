@@ -7,6 +7,7 @@ HF_KADAPTER_RELIABILITY_REPORT=bad.json python -m pytest -q tests/test_reliabili
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -394,6 +395,29 @@ def _index_nan(env, tmp):
     save_file(tensors, folder / "embeddings.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"documents \['c'\].*NaN or inf"):
         DocumentIndex.from_pretrained(folder)
+
+
+@case("document_index:nan-on-disk-memory-mapped")
+def _index_nan_mapped(env, tmp):
+    """A memory-mapped index is opened without reading its vectors; a non-finite row is refused when it is read."""
+    folder = copy(env.index, tmp)
+    tensors = load_file(folder / "embeddings.safetensors")
+    tensors["embeddings"][2] = float("nan")
+    save_file(tensors, folder / "embeddings.safetensors", metadata={"format": "pt"})
+    mapped = DocumentIndex.from_pretrained(folder, mmap=True)
+    assert mapped.get(["a", "b"]).shape == (2, 8)  # the finite rows stay readable
+    for read in (lambda: mapped.search(torch.randn(2, 8), 2), lambda: mapped.get(["c"])):
+        with pytest.raises(ValueError, match=r"memory-mapped embeddings hold NaN or inf at rows \[2\]"):
+            read()
+    mapped.chunk_size = 2  # chunked search over the map, and IVF-PQ built from it, refuse the row too
+    with pytest.raises(ValueError, match=r"at rows \[2\]"):
+        mapped.search(torch.randn(2, 8), 2)
+    if importlib.util.find_spec("faiss") is not None:
+        with pytest.raises(ValueError, match=r"at rows \[2\]"):
+            compressed = DocumentIndex.from_pretrained(
+                folder, mmap=True, backend="faiss", faiss_index="ivfpq", nlist=1, pq_m=2, pq_bits=1
+            )
+            compressed.search(torch.randn(2, 8), 2)  # (faiss is built from the map on first use)
 
 
 @case("document_index:truncated-faiss")

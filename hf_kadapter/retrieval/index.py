@@ -864,12 +864,13 @@ class DocumentIndex(HubMixin):
                 f"{tuple(embeddings.shape)} and keys {tuple(keys.shape)}: the files come from different saves. Save "
                 "or build the index again."
             )
-        for start in range(0, len(table), BLOCK_ROWS):
-            check_finite_rows(
-                embeddings[start : start + BLOCK_ROWS],
-                "The embeddings of documents",
-                table.take(range(start, min(start + BLOCK_ROWS, len(table)))),
-            )
+        if not mmap:  # (a memory map is checked row by row as it is read: opening it reads nothing)
+            for start in range(0, len(table), BLOCK_ROWS):
+                check_finite_rows(
+                    embeddings[start : start + BLOCK_ROWS],
+                    "The embeddings of documents",
+                    table.take(range(start, min(start + BLOCK_ROWS, len(table)))),
+                )
         if documents is None and (folder / DOCUMENTS_DIR).is_dir():
             from datasets import load_from_disk
 

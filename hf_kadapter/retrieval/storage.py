@@ -350,9 +350,12 @@ def _topk_segments(
     chunk_size: int,
     query_batch_size: int,
     valid: torch.Tensor | None,
+    check_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """exact_topk over the concatenation of `segments` (positions counted across them), leaving out the positions
-    where `valid` (bool, one per position) is False."""
+    where `valid` (bool, one per position) is False. `check_first`: the first segment is a memory map nobody has
+    checked, so a NaN or inf score from it (the queries are finite: a non-finite vector) raises instead of ranking
+    first."""
     if chunk_size < 1 or query_batch_size < 1:
         raise ValueError(f"chunk_size={chunk_size} and query_batch_size={query_batch_size} must be positive.")
     total = sum(segment.shape[0] for segment in segments)
@@ -363,6 +366,8 @@ def _topk_segments(
         if single:
             # One chunk: exactly the brute force computation (no extra copies).
             scores, rows = torch.topk(batch @ segments[0].T, k, dim=1)
+            if check_first:
+                _check_mapped_scores(scores, rows)
         else:
             best_scores = best_rows = None
             offset = 0
@@ -375,6 +380,8 @@ def _topk_segments(
                         chunk_scores = chunk_scores.masked_fill(~alive, float("-inf"))
                     chunk_scores, chunk_rows = torch.topk(chunk_scores, min(k, chunk.shape[0]), dim=1)
                     chunk_rows += offset + d_start
+                    if check_first and offset == 0:
+                        _check_mapped_scores(chunk_scores, chunk_rows)
                     if best_scores is None:
                         best_scores, best_rows = chunk_scores, chunk_rows
                     else:
@@ -390,6 +397,31 @@ def _topk_segments(
     return torch.cat(all_scores), torch.cat(all_rows)
 
 
+def _damaged_map(positions: list[int]) -> ValueError:
+    return ValueError(
+        f"The memory-mapped embeddings hold NaN or inf at rows {positions[:10]} ({len(positions)} in this read): the "
+        "file is damaged or was written from non-finite embeddings, and a NaN document would be the top hit of every "
+        "query. Build or save the index again (load it without mmap=True to check every row at once)."
+    )
+
+
+def _check_mapped_rows(vectors: torch.Tensor, positions: torch.Tensor | int) -> None:
+    """Raise when rows read from a memory map are not finite (`positions`: theirs, or the first one's)."""
+    finite = torch.isfinite(vectors).all(dim=-1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()
+        where = positions[bad] if isinstance(positions, torch.Tensor) else bad + positions
+        raise _damaged_map(where.tolist())
+
+
+def _check_mapped_scores(top_scores: torch.Tensor, top_rows: torch.Tensor) -> None:
+    """Top-k scores of finite queries over a memory map: NaN and +inf (which topk ranks first, so a non-finite row
+    that could change any result shows up here) mean non-finite rows; -inf is a removed row. Costs O(queries x k)."""
+    bad = torch.isnan(top_scores) | torch.isposinf(top_scores)
+    if bool(bad.any()):
+        raise _damaged_map(torch.unique(top_rows[bad]).tolist())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Full-precision vectors
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,7 +430,8 @@ class VectorStore:
 
     In RAM (`mapped=False`): one tensor; `append` concatenates, `keep` compacts. Memory-mapped (`mapped=True`): `base`
     is a read-only map of a file, rows appended later live in a RAM `tail`, and `keep` only records which physical
-    positions are still rows (`phys`, ascending), so the file is never copied or rewritten.
+    positions are still rows (`phys`, ascending), so the file is never copied or rewritten. Rows of a map are checked
+    (finite) when they are read, not when the file is opened: opening a 5 GB index reads none of it.
     """
 
     def __init__(self, base: torch.Tensor, mapped: bool = False):
@@ -433,10 +466,15 @@ class VectorStore:
     def _at_positions(self, positions: torch.Tensor) -> torch.Tensor:
         count = self.base.shape[0]
         if not self.tail.shape[0]:
-            return self.base[positions.to(self.base.device)]
+            out = self.base[positions.to(self.base.device)]
+            if self.mapped:
+                _check_mapped_rows(out, positions)
+            return out
         out = torch.empty(len(positions), self.dim, dtype=self.base.dtype)
         in_base = positions < count
         out[in_base] = self.base[positions[in_base]]
+        if self.mapped:
+            _check_mapped_rows(out[in_base], positions[in_base])
         out[~in_base] = self.tail[positions[~in_base] - count]
         return out
 
@@ -457,7 +495,10 @@ class VectorStore:
         for start in range(0, len(self), size):
             stop = min(start + size, len(self))
             if self.phys is None and stop <= self.base.shape[0]:
-                yield self.base[start:stop]
+                block = self.base[start:stop]
+                if self.mapped:
+                    _check_mapped_rows(block, start)
+                yield block
             else:
                 yield self.gather(torch.arange(start, stop))
 
@@ -483,12 +524,16 @@ class VectorStore:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k over the rows: `(scores, rows)`, as exact_topk."""
         if self.phys is None and not self.tail.shape[0]:
-            return exact_topk(queries, self.base, k, chunk_size, query_batch_size)
+            if not 1 <= k <= len(self):
+                raise ValueError(f"k={k} must be between 1 and the number of documents ({len(self)}).")
+            return _topk_segments(queries, [self.base], k, chunk_size, query_batch_size, None, self.mapped)
         valid = None
         if self.phys is not None:
             valid = torch.zeros(self._physical_count(), dtype=torch.bool)
             valid[self.phys] = True
-        scores, positions = _topk_segments(queries, [self.base, self.tail], k, chunk_size, query_batch_size, valid)
+        scores, positions = _topk_segments(
+            queries, [self.base, self.tail], k, chunk_size, query_batch_size, valid, self.mapped
+        )
         if self.phys is None:
             return scores, positions
         rows = torch.searchsorted(self.phys, positions.cpu().reshape(-1)).reshape(positions.shape)
