@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -192,45 +191,6 @@ def test_document_lookup_follows_changed_documents():
         retriever.get_documents(["a"])
     retriever.documents = second
     assert retriever.get_documents(["a"])[0]["title"] == "A2"
-
-
-def _mapping_flags(path: Path) -> list[str]:
-    """VmFlags of this process's memory maps of `path` (Linux /proc/self/smaps)."""
-    flags, current = [], False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split()[0]:
-            current = line.rstrip().endswith(str(path))
-        elif current and line.startswith("VmFlags:"):
-            flags.append(line)
-    return flags
-
-
-def test_a_served_compressed_index_maps_its_vectors_for_random_reads(tmp_path):
-    """Re-scoring reads scattered rows: the map of a saved IVF-PQ index is advised MADV_RANDOM (no readahead around
-    each row, so 1,000 queries do not pull a 5 GB file into the page cache); other maps keep the default advice."""
-    if not Path("/proc/self/smaps").is_file() or not hasattr(__import__("mmap"), "MADV_RANDOM"):
-        pytest.skip("needs Linux (/proc/self/smaps, MADV_RANDOM)")
-    from hf_kadapter.retrieval.storage import map_safetensors
-
-    DocumentIndex([f"d{i}" for i in range(4096)], torch.randn(4096, 16), chunk_size=1024).save_pretrained(tmp_path / "x")
-    path = (tmp_path / "x" / "embeddings.safetensors").resolve()
-    default, random_reads = map_safetensors(path), map_safetensors(path, random_access=True)
-    flags = _mapping_flags(path)
-    assert len(flags) == 4 and sum(" rr" in f for f in flags) == 2, flags  # (embeddings and keys of each map)
-    del default, random_reads
-    if importlib.util.find_spec("faiss") is None:
-        return
-    DocumentIndex.build_on_disk(
-        tmp_path / "pq", [([f"d{i}" for i in range(4096)], torch.randn(4096, 16))], backend="faiss",
-        faiss_index="ivfpq", nlist=8, pq_m=4, pq_bits=4,
-    )  # fmt: skip
-    pq_path = (tmp_path / "pq" / "embeddings.safetensors").resolve()
-    served = DocumentIndex.from_pretrained(tmp_path / "pq", mmap=True)
-    assert all(" rr" in f for f in _mapping_flags(pq_path)), _mapping_flags(pq_path)
-    assert served.search(torch.randn(2, 16), 3)[1].shape == (2, 3)
-    exact = DocumentIndex.from_pretrained(tmp_path / "pq", mmap=True, backend="exact")
-    assert sum(" rr" in f for f in _mapping_flags(pq_path)) == 2  # the exact scan's map keeps readahead
-    del served, exact
 
 
 # ----- faiss --------------------------------------------------------------------------------------------------

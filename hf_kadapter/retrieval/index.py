@@ -852,9 +852,7 @@ class DocumentIndex(HubMixin):
         mapped = mmap or (faiss_file is not None and settings["faiss_index"] in FLAT_FAISS)
         table = IdTable.read_json(folder / IDS_NAME)
         path = folder / EMBEDDINGS_NAME
-        # A saved compressed index served from the map only gathers its candidates' rows: no readahead around them.
-        serving = mmap and faiss_file is not None and settings["faiss_index"] in COMPRESSED_FAISS
-        tensors = map_safetensors(path, random_access=serving)
+        tensors = map_safetensors(path)
         if not mapped:
             tensors = {name: _read_into_memory(path, tensor) for name, tensor in tensors.items()}
         if set(tensors) != {"embeddings", "keys"}:

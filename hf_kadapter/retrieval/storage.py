@@ -17,7 +17,6 @@ here copies before changing anything; `VectorStore.to(device)` gives a writable 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -629,14 +628,9 @@ def _header(path: Path) -> tuple[int, dict[str, Any]]:
         return 8 + length, json.loads(stream.read(length).decode("utf-8"))
 
 
-def map_safetensors(path: str | os.PathLike, random_access: bool = False) -> dict[str, torch.Tensor]:
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file as read-only memory maps (F32, I64 and U8 tensors; nothing is read until
-    used). A damaged file is named (DamagedFileError).
-
-    `random_access=True` tells the kernel the rows will be read in no order (madvise MADV_RANDOM, where the OS has
-    it): each page fault then reads its own page instead of the readahead window around it. Re-scoring reads a few
-    hundred scattered rows per query; with the default advice, 1,000 queries over a 5 GB file pulled nearly all of
-    it into the page cache, with it only the pages of those rows."""
+    used). A damaged file is named (DamagedFileError)."""
     path = Path(path)
     problem = safetensors_problem(path)
     if problem is not None:
@@ -657,9 +651,6 @@ def map_safetensors(path: str | os.PathLike, random_access: bool = False) -> dic
             array = np.zeros(shape, dtype=dtype)
         else:
             array = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
-            mapping = getattr(array, "_mmap", None)
-            if random_access and mapping is not None and hasattr(mmap, "MADV_RANDOM"):
-                mapping.madvise(mmap.MADV_RANDOM)
         with warnings.catch_warnings():  # read-only on purpose: see the module docstring
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensors[name] = torch.from_numpy(array)
