@@ -167,8 +167,40 @@ def bench_method(
     return result
 
 
+@contextlib.contextmanager
+def memory_cgroup(limit_gb: float | None):
+    """A memory cgroup capped at `limit_gb` (Linux cgroup v1 or v2, where this process may create one), yielding
+    (a function that moves a process into it, a function that reads its peak usage in bytes), or None. The cap
+    counts the process's private memory AND the page cache it pulls in, which the kernel then reclaims: a search
+    that finishes under it needs no more RAM than that."""
+    if limit_gb is None:
+        yield None
+        return
+    own = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = next((line.split(":", 2)[2] for line in own if ":memory:" in line), None)
+    root, files = (Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.max_usage_in_bytes"))
+    if v1 is None:
+        v1 = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), "/")
+        root, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.peak")
+    group = root / v1.lstrip("/") / f"bench-retrieval-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / files[0]).write_text(str(int(limit_gb * 2**30)))
+    except OSError as error:
+        print(f"  (no memory cgroup: {error}; the fresh process runs without a cap)", flush=True)
+        yield None
+        return
+    try:
+        yield (lambda: (group / "cgroup.procs").write_text(str(os.getpid())),
+               lambda: int((group / files[1]).read_text()))  # fmt: skip
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+
+
 def fresh_process_search(folder: Path, queries_path: Path, args, settings: dict[str, Any]) -> dict[str, Any]:
-    """Load a saved index memory-mapped in a new process, answer the queries, report its memory."""
+    """Load a saved index memory-mapped in a new process, answer the queries, report its memory (with
+    `--serve-memory-limit-gb`, inside a memory cgroup capped at that size)."""
     script = (
         "import json, sys, time, torch\n"
         "from safetensors.torch import load_file\n"
@@ -187,14 +219,21 @@ def fresh_process_search(folder: Path, queries_path: Path, args, settings: dict[
         "  'private_mb': round(status('RssAnon') / 2**20), 'index_private_mb': round((status('RssAnon') - base) / 2**20),\n"
         "  'file_backed_mb': round(status('RssFile') / 2**20)}))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(folder), str(queries_path), str(Path(__file__).parent), str(args.threads),
-         json.dumps(settings)],
-        capture_output=True, text=True, env={**os.environ, **MALLOC_ENV},
-    )  # fmt: skip
+    with memory_cgroup(args.serve_memory_limit_gb) as cgroup:
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(folder), str(queries_path), str(Path(__file__).parent),
+             str(args.threads), json.dumps(settings)],
+            capture_output=True, text=True, env={**os.environ, **MALLOC_ENV},
+            preexec_fn=None if cgroup is None else cgroup[0],
+        )  # fmt: skip
+        peak = None if cgroup is None else cgroup[1]()
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if peak is not None:
+        result["memory_cap_gb"] = args.serve_memory_limit_gb
+        result["cgroup_peak_mb"] = round(peak / 2**20)
+    return result
 
 
 def bench_size(num_docs: int, data: str, args, workdir: Path) -> dict[str, Any]:
@@ -271,6 +310,8 @@ def main() -> None:
     parser.add_argument("--rescore", type=int, nargs="+", default=[16], help="IVF-PQ re-scoring factors")
     parser.add_argument("--methods", nargs="+", default=["ivf", "ivfpq", "hnsw"], choices=["ivf", "ivfpq", "hnsw"],
                         help="approximate methods measured (exact search always is)")  # fmt: skip
+    parser.add_argument("--serve-memory-limit-gb", type=float, default=None,
+                        help="run the fresh IVF-PQ process in a memory cgroup capped at this size (Linux, if allowed)")  # fmt: skip
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 256])
