@@ -504,6 +504,23 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: b
     return None
 
 
+def _destroy_process_group_at_exit() -> None:
+    """Under torchrun, tear the process group down when the script ends: left to the interpreter's own teardown,
+    gloo's background threads are sometimes destroyed while still joinable and the process aborts ("terminate called
+    without an active exception") after a run that succeeded."""
+    import atexit
+
+    import torch.distributed as dist
+
+    def destroy() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+    if not getattr(_destroy_process_group_at_exit, "registered", False):
+        atexit.register(destroy)
+        _destroy_process_group_at_exit.registered = True
+
+
 def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
     """Train (resuming from the last COMPLETE checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate;
     the metrics are printed and saved (train_results.json, eval_results.json, all_results.json) as in transformers'
@@ -513,6 +530,7 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
     incomplete ones are skipped and logged); the result is the same as an uninterrupted run.
     """
     metrics: dict[str, float] = {}
+    _destroy_process_group_at_exit()
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is not None:
