@@ -56,7 +56,15 @@ import torch
 
 from ..utils.hub import LIBRARY_NAME, HubMixin, card_is_ours, model_card, resolve_folder, split_download_kwargs
 from ..utils.io import DamagedFileError, FolderCommit, read_json, reading_folder
-from .storage import DocumentRows, IdTable, SafetensorsStreamWriter, VectorStore, exact_topk, map_safetensors
+from .storage import (
+    DocumentRows,
+    IdTable,
+    SafetensorsStreamWriter,
+    VectorStore,
+    exact_topk,
+    map_safetensors,
+    nonfinite_rows,
+)
 
 BACKENDS = ("exact", "faiss")
 FAISS_INDEXES = ("ivf", "hnsw", "ivfpq", "ivfsq")
@@ -91,10 +99,9 @@ _OWN_OPTIONAL = (FAISS_NAME, f"{DOCUMENTS_DIR}/**")
 
 def check_finite_rows(vectors: torch.Tensor, what: str, names: Sequence[Any] | None = None) -> None:
     """Raise a ValueError naming the rows of `vectors` [N, D] that hold NaN or inf (by name when given)."""
-    finite = torch.isfinite(vectors).all(dim=-1) if vectors.numel() else torch.ones(len(vectors), dtype=torch.bool)
-    if bool(finite.all()):
+    rows = nonfinite_rows(vectors).tolist()
+    if not rows:
         return
-    rows = torch.nonzero(~finite.cpu()).flatten().tolist()
     labels = [names[r] for r in rows] if names is not None else rows
     raise ValueError(
         f"{what} {labels[:10]} ({len(rows)} in all) hold NaN or inf: inner products with them are NaN and a NaN "
@@ -264,8 +271,8 @@ class DocumentIndex(HubMixin):
         self._next_key = next_key
         self._dim = dim
         self._device = torch.device(device)
-        self._doc_rows = DocumentRows()
-        self.documents = documents
+        self.documents = documents  # the attached documents dataset (or None)
+        self._doc_rows = DocumentRows()  # follows `documents` when it is replaced
         self._faiss = None
         self._journal: list[tuple[str, list[str]]] | None = None
         # The fingerprint of the embedder that made the embeddings (set by RealmStyleRetriever.build_index), saved.
@@ -313,16 +320,6 @@ class DocumentIndex(HubMixin):
     def id_table(self) -> IdTable:
         """The packed ids (storage.IdTable): read it, never change it."""
         return self._ids
-
-    @property
-    def documents(self) -> Any:
-        """The attached documents dataset (or None); setting it resets the id -> dataset row cache."""
-        return self._documents
-
-    @documents.setter
-    def documents(self, value: Any) -> None:
-        self._documents = value
-        self._doc_rows.reset()
 
     @property
     def dim(self) -> int:

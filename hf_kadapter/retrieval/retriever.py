@@ -238,20 +238,10 @@ class RealmStyleRetriever(HubMixin):
         self.index = index
         if documents is None and index is not None:
             documents = index.documents
-        self._doc_rows = DocumentRows()
         self.documents = documents
+        self._doc_rows = DocumentRows()  # follows `documents` when they are replaced or edited
 
     # ----- documents ---------------------------------------------------------------------------------------------
-    @property
-    def documents(self) -> Any:
-        """The documents (a `datasets.Dataset` or a list of dicts: id, title, text); setting them resets the id look-up."""
-        return self._documents
-
-    @documents.setter
-    def documents(self, value: Any) -> None:
-        self._documents = value
-        self._doc_rows.reset()
-
     def get_documents(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         if self.documents is None:
             raise ValueError("RealmStyleRetriever has no documents: pass `documents` (columns id, title, text).")

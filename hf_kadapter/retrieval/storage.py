@@ -29,7 +29,15 @@ import xxhash
 
 from ..utils.io import DamagedFileError, safetensors_problem
 
-__all__ = ["DocumentRows", "IdTable", "SafetensorsStreamWriter", "VectorStore", "exact_topk", "map_safetensors"]
+__all__ = [
+    "DocumentRows",
+    "IdTable",
+    "SafetensorsStreamWriter",
+    "VectorStore",
+    "exact_topk",
+    "map_safetensors",
+    "nonfinite_rows",
+]
 
 _ST_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.uint8: "U8"}
 _NP_DTYPES = {"F32": np.float32, "I64": np.int64, "U8": np.uint8}
@@ -50,9 +58,6 @@ class DocumentRows:
     def __init__(self) -> None:
         self._rows: dict[str, int] = {}
         self._key: tuple[int, int] | None = None
-
-    def reset(self) -> None:
-        self._rows, self._key = {}, None
 
     def _map(self, documents: Any, rebuild: bool) -> dict[str, int]:
         key = (id(documents), len(documents))
@@ -405,11 +410,17 @@ def _damaged_map(positions: list[int]) -> ValueError:
     )
 
 
+def nonfinite_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, on the CPU) of the rows of `vectors` [N, D] that hold NaN or inf; empty when all are finite."""
+    if not vectors.numel():
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.nonzero(~torch.isfinite(vectors).all(dim=-1).cpu()).flatten()
+
+
 def _check_mapped_rows(vectors: torch.Tensor, positions: torch.Tensor | int) -> None:
     """Raise when rows read from a memory map are not finite (`positions`: theirs, or the first one's)."""
-    finite = torch.isfinite(vectors).all(dim=-1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten()
+    bad = nonfinite_rows(vectors)
+    if len(bad):
         where = positions[bad] if isinstance(positions, torch.Tensor) else bad + positions
         raise _damaged_map(where.tolist())
 
