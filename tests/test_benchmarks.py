@@ -115,3 +115,27 @@ def test_mixed_precision_benchmark(benchmarks, tmp_path):
     assert 0 < adapter["bfloat16"]["logits_relative_max_difference"] < 0.1
     assert figures["table"]["float32"]["min_cosine"] == pytest.approx(1.0)
     assert 0.9 < figures["index"]["bfloat16"]["min_cosine"] <= 1.0 + 1e-6
+
+
+def test_retrieval_benchmark_and_its_plot(tmp_path):
+    """bench_retrieval.py on a tiny corpus (IVF-PQ only, served by a fresh process, under a memory cap where the
+    machine allows one) writes its figures, and plot_retrieval.py draws them."""
+    pytest.importorskip("faiss")
+    pytest.importorskip("matplotlib")
+    import subprocess
+
+    figures = tmp_path / "retrieval.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_retrieval.py"), "--sizes", "3000", "--data", "clustered",
+               "--methods", "ivfpq", "--nlist", "16", "--nprobe", "16", "--pq-m", "32", "--rescore", "64", "--queries", "20",
+               "--exact-queries", "10", "--repeats", "1", "--threads", "1", "--serve-memory-limit-gb", "2",
+               "--workdir", str(tmp_path / "work"), "--json", str(figures)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(figures.read_text())["results"]
+    assert [m["method"] for m in result["methods"]] == ["exact", "IVF-PQ+rescore"]
+    assert result["ivfpq_fresh_process"]["recall@10"] >= 0.9
+    plot = tmp_path / "search.png"
+    drawn = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_retrieval.py"), str(figures), "--output",
+                            str(plot)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert plot.stat().st_size > 10_000
