@@ -8,7 +8,6 @@ same way. Pretraining scripts parse `PretrainingArguments` (the new adapter, the
 
 from __future__ import annotations
 
-import atexit
 import enum
 import json
 import logging
@@ -505,15 +504,6 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, require_optimizer: b
     return None
 
 
-def _destroy_process_group() -> None:
-    """Under torchrun, tear the process group down when a recipe script ends: left to the interpreter's own teardown,
-    gloo's background threads are sometimes destroyed while still joinable and the process aborts ("terminate called
-    without an active exception") after a run that succeeded. Registered by `run`; does nothing outside
-    torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
     """Train (resuming from the last COMPLETE checkpoint in output_dir, or --resume_from_checkpoint), save, evaluate;
     the metrics are printed and saved (train_results.json, eval_results.json, all_results.json) as in transformers'
@@ -523,8 +513,6 @@ def run(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
     incomplete ones are skipped and logged); the result is the same as an uninterrupted run.
     """
     metrics: dict[str, float] = {}
-    atexit.unregister(_destroy_process_group)  # (once, however many runs this process makes)
-    atexit.register(_destroy_process_group)
     if training_args.do_train:
         checkpoint = training_args.resume_from_checkpoint
         if checkpoint is not None:
